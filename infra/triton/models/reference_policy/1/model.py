@@ -1,0 +1,76 @@
+"""Reference policy: a deterministic stand-in for an LLM behind Triton (Python backend).
+
+It serves the tensor contract of Triton's vLLM backend: ``text_input`` (BYTES, the
+prompt) in, ``text_output`` (BYTES) out, with the optional ``stream``,
+``sampling_parameters`` (JSON) and ``exclude_input_in_output`` inputs. The model is
+decoupled like vLLM's: with ``stream`` set it sends the completion in several
+responses, otherwise one, and always closes with the FINAL flag.
+
+The decision logic lives in ``policy.py`` beside this file so it can be unit-tested
+without a server.
+"""
+
+import json
+import os
+import sys
+
+# Triton's embedded interpreter ignores PYTHONPATH; the local launcher names the
+# environment that has numpy in AGENTBUS_MODEL_PYTHONPATH (the NVIDIA image has it already).
+for _path in reversed(os.environ.get("AGENTBUS_MODEL_PYTHONPATH", "").split(os.pathsep)):
+    if _path and _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from policy import decide  # noqa: E402
+
+
+def _optional_scalar(request, name, default):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return default
+    value = tensor.as_numpy().reshape(-1)
+    if value.size == 0:
+        return default
+    item = value[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else item
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_config = json.loads(args["model_config"])
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                prompt = _optional_scalar(request, "text_input", b"")
+                if isinstance(prompt, bytes):
+                    prompt = prompt.decode("utf-8", errors="replace")
+                stream = bool(_optional_scalar(request, "stream", False))
+                exclude_input = bool(_optional_scalar(request, "exclude_input_in_output", False))
+                params_text = _optional_scalar(request, "sampling_parameters", "{}") or "{}"
+                params = json.loads(params_text)
+                completion = decide(prompt, params)
+                chunks = _chunks(completion) if stream else [completion if exclude_input else prompt + completion]
+                for chunk in chunks:
+                    out = pb_utils.Tensor("text_output", np.array([chunk.encode("utf-8")], dtype=np.object_))
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as exc:  # a bad request gets an error response, never a dead model
+                error = pb_utils.TritonError(f"reference_policy: {type(exc).__name__}: {exc}")
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def finalize(self):
+        pass
+
+
+def _chunks(text, size=48):
+    if not text:
+        return [""]
+    return [text[i : i + size] for i in range(0, len(text), size)]
