@@ -356,9 +356,11 @@ class Cassandra(Server):
     def healthy(self) -> bool:
         if not _port_open(self.port):
             return False
-        from cassandra.cluster import Cluster  # type: ignore[import-untyped]
+        from cassandra.cluster import Cluster
+        from cassandra.policies import RoundRobinPolicy
 
-        cluster = Cluster(["127.0.0.1"], port=self.port, connect_timeout=3, control_connection_timeout=3)
+        cluster = Cluster(["127.0.0.1"], port=self.port, connect_timeout=3, control_connection_timeout=3,
+                          protocol_version=5, load_balancing_policy=RoundRobinPolicy())
         try:
             session = cluster.connect()
             row = session.execute("SELECT release_version FROM system.local", timeout=5).one()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import itertools
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any
 
+import fastavro
 import pytest
 from fastavro.schema import fingerprint as fastavro_fingerprint
 from fastavro.schema import to_parsing_canonical_form
@@ -43,7 +46,8 @@ NOW = dt.datetime(2025, 6, 1, 12, 30, 15, 250_000, tzinfo=dt.UTC)
 
 # Fingerprint (wire identity) and a digest of the whole schema JSON (docs and defaults included) of
 # every published schema file. Published files are immutable: editing one must fail here. A new
-# version is a new file, pinned by adding a line.
+# version is a new file, pinned by adding a line. Fingerprints are hex in wire order (the 8 bytes after
+# C3 01, little-endian), the same string fastavro.schema.fingerprint(..., "CRC-64-AVRO") returns.
 PUBLISHED: dict[tuple[str, int], tuple[str, str]] = {
     ("AgentResponse", 1): ("7f113bf85dac19f3", "661793c71411fb55"),
     ("AgentResponseDelta", 1): ("f432f351a3ad997d", "5a596bf93598787a"),
@@ -265,9 +269,17 @@ def test_round_trip_every_version(sv: SchemaVersion, codec: AvroCodec, make_samp
 
 
 def test_samples_cover_every_session_event_payload(make_samples: Any, codec: AvroCodec) -> None:
-    samples, gen = make_samples(REGISTRY.latest("SessionEvent"), count=14)
+    sv = REGISTRY.latest("SessionEvent")
+    samples, gen = make_samples(sv, count=14)
     assert gen.union_hits["/payload"] == set(range(7))
-    types = {codec.decode(codec.encode("SessionEvent", s)).datum["event_type"] for s in samples}
+    types = set()
+    for datum in samples:
+        data = codec.encode("SessionEvent", datum)
+        types.add(codec.decode(data).datum["event_type"])
+        # the writer picked the payload branch the event type names (fastavro chooses by best match)
+        raw = fastavro.schemaless_reader(io.BytesIO(data[10:]), sv.parsed, None, return_record_name=True)
+        branch = raw["payload"][0].removeprefix("agentbus.")
+        assert re.sub(r"(?<!^)(?=[A-Z])", "_", branch).upper() == datum["event_type"]
     assert len(types) == 7 and "UNKNOWN" not in types
 
 

@@ -4,7 +4,7 @@ It serves the tensor contract of Triton's vLLM backend: ``text_input`` (BYTES, t
 prompt) in, ``text_output`` (BYTES) out, with the optional ``stream``,
 ``sampling_parameters`` (JSON) and ``exclude_input_in_output`` inputs. The model is
 decoupled like vLLM's: with ``stream`` set it sends the completion in several
-responses, otherwise one, and always closes with the FINAL flag.
+responses, otherwise one; the last response carries the FINAL flag.
 
 The decision logic lives in ``policy.py`` beside this file so it can be unit-tested
 without a server.
@@ -56,10 +56,15 @@ class TritonPythonModel:
                 params = json.loads(params_text)
                 completion = decide(prompt, params)
                 chunks = _chunks(completion) if stream else [completion if exclude_input else prompt + completion]
-                for chunk in chunks:
+                # The last response carries the FINAL flag (as vLLM's backend does), so a client
+                # sees the end without asking for an extra empty response.
+                for i, chunk in enumerate(chunks):
                     out = pb_utils.Tensor("text_output", np.array([chunk.encode("utf-8")], dtype=np.object_))
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
-                sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    last = i == len(chunks) - 1
+                    sender.send(
+                        pb_utils.InferenceResponse(output_tensors=[out]),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0,
+                    )
             except Exception as exc:  # a bad request gets an error response, never a dead model
                 error = pb_utils.TritonError(f"reference_policy: {type(exc).__name__}: {exc}")
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error),

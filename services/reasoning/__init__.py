@@ -1,0 +1,1 @@
+"""agentbus service package."""

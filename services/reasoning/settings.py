@@ -1,0 +1,30 @@
+"""Settings of the reasoning service (context, model calls, sequencing)."""
+
+from dataclasses import dataclass
+
+from shared.settings import (
+    CassandraSettings,
+    KafkaSettings,
+    RedisSettings,
+    ServiceSettings,
+    TritonSettings,
+    setting,
+)
+
+
+@dataclass(frozen=True)
+class ReasoningSettings(ServiceSettings, KafkaSettings, CassandraSettings, RedisSettings, TritonSettings):
+    service_name: str = setting("AGENTBUS_SERVICE_NAME", "reasoning", "Name in logs, traces and client ids")
+    http_port: int = setting("AGENTBUS_HTTP_PORT", 8082, "Port of /healthz, /readyz and /metrics")
+    group_id: str = setting("AGENTBUS_REASONING_GROUP", "agentbus-reasoning", "Consumer group of the inbox")
+    max_steps_per_turn: int = setting("AGENTBUS_MAX_STEPS_PER_TURN", 8, "Model decisions allowed in one turn")
+    turn_deadline_s: float = setting("AGENTBUS_TURN_DEADLINE_S", 120.0, "A turn older than this ends in error")
+    model_rate_per_s: float = setting("AGENTBUS_MODEL_RATE_PER_S", 200.0, "Model calls/s, shared by replicas")
+    model_burst: int = setting("AGENTBUS_MODEL_BURST", 50, "Token bucket size of model calls")
+    max_inflight_model_calls: int = setting(
+        "AGENTBUS_MAX_INFLIGHT_MODEL_CALLS", 64, "Above this the consumer pauses its partitions"
+    )
+    context_max_events: int = setting("AGENTBUS_CONTEXT_MAX_EVENTS", 60, "Summarise past this many events")
+    rebuild_wait_s: float = setting(
+        "AGENTBUS_REBUILD_WAIT_S", 10.0, "Longest wait for the checkpoint to catch up on a cold rebuild"
+    )

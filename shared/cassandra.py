@@ -1,0 +1,130 @@
+"""Cassandra adapter: session factory, prepared statements, and asyncio-friendly execution.
+
+cassandra-driver runs its own I/O thread; :func:`execute` bridges a ``ResponseFuture``
+into an asyncio future so services never block their event loop on a query. Every
+statement is prepared once per session (:class:`Statements`) with the consistency
+level from the settings, so reads and writes carry an explicit consistency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from cassandra import ConsistencyLevel
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
+from cassandra.query import PreparedStatement, Statement, dict_factory
+
+from shared.settings import CassandraSettings
+
+__all__ = ["Statements", "consistency", "execute", "make_cluster", "connect"]
+
+
+def consistency(name: str) -> int:
+    """A consistency level by name (``LOCAL_QUORUM``), with a clear error for a typo."""
+    try:
+        return int(ConsistencyLevel.name_to_value[name.upper()])
+    except KeyError:
+        known = ", ".join(sorted(ConsistencyLevel.name_to_value))
+        raise ValueError(f"unknown Cassandra consistency level {name!r}; one of {known}") from None
+
+
+def make_cluster(settings: CassandraSettings) -> Cluster:
+    """A ``Cluster`` (not connected) with token-aware, DC-local routing and explicit consistency."""
+    profile = ExecutionProfile(
+        load_balancing_policy=TokenAwarePolicy(DCAwareRoundRobinPolicy(local_dc=settings.cassandra_local_dc)),
+        consistency_level=consistency(settings.cassandra_consistency),
+        serial_consistency_level=consistency(settings.cassandra_serial_consistency),
+        request_timeout=settings.cassandra_request_timeout_s,
+        row_factory=dict_factory,
+    )
+    return Cluster(
+        contact_points=list(settings.cassandra_hosts),
+        port=settings.cassandra_port,
+        execution_profiles={EXEC_PROFILE_DEFAULT: profile},
+        protocol_version=5,
+        connect_timeout=10,
+        control_connection_timeout=10,
+        reconnection_policy=ExponentialReconnectionPolicy(base_delay=0.5, max_delay=10.0),
+        idle_heartbeat_interval=10,
+    )
+
+
+def connect(settings: CassandraSettings, *, keyspace: str | None = None) -> tuple[Cluster, Session]:
+    """Connect; ``keyspace`` defaults to the configured one (pass ``""`` for none)."""
+    cluster = make_cluster(settings)
+    ks = settings.cassandra_keyspace if keyspace is None else keyspace
+    session = cluster.connect(ks or None)
+    return cluster, session
+
+
+async def execute(
+    session: Session, statement: str | Statement | PreparedStatement, params: Sequence[Any] | None = None
+) -> list[dict[str, Any]]:
+    """Run ``statement`` without blocking the loop; returns every row (all pages) as dicts.
+
+    Raises whatever the driver raises (``cassandra.Unavailable``, ``WriteTimeout``,
+    ``OperationTimedOut``, ``InvalidRequest``...): the caller decides what is transient.
+    """
+    loop = asyncio.get_running_loop()
+    rows: list[dict[str, Any]] = []
+    done: asyncio.Future[None] = loop.create_future()
+    response: ResponseFuture = session.execute_async(statement, params)
+
+    def on_page(page: list[dict[str, Any]]) -> None:
+        rows.extend(page or ())  # writes answer with no rows
+        if response.has_more_pages:
+            response.start_fetching_next_page()
+        else:
+            loop.call_soon_threadsafe(_resolve, done, None)
+
+    def on_error(exc: BaseException) -> None:
+        loop.call_soon_threadsafe(_resolve, done, exc)
+
+    response.add_callbacks(on_page, on_error)
+    await done
+    return rows
+
+
+def _resolve(future: asyncio.Future[None], exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is None:
+        future.set_result(None)
+    else:
+        future.set_exception(exc)
+
+
+class Statements:
+    """Prepared statements of one session, prepared once and reused (keyed by CQL text).
+
+    CQL names tables as ``{ks}.table``; ``{ks}`` becomes the keyspace given here, so
+    statements are fully qualified (Cassandra 5 warns against prepared statements
+    that rely on ``USE``).
+    """
+
+    def __init__(self, session: Session, keyspace: str) -> None:
+        self._session = session
+        self._keyspace = keyspace
+        self._prepared: dict[str, PreparedStatement] = {}
+
+    @property
+    def session(self) -> Session:
+        return self._session
+
+    @property
+    def keyspace(self) -> str:
+        return self._keyspace
+
+    def get(self, cql: str) -> PreparedStatement:
+        prepared = self._prepared.get(cql)
+        if prepared is None:
+            prepared = self._session.prepare(cql.replace("{ks}", self._keyspace))
+            self._prepared[cql] = prepared
+        return prepared
+
+    async def run(self, cql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Prepare ``cql`` (once) and execute it with ``params``."""
+        return await execute(self._session, self.get(cql), list(params))

@@ -1,0 +1,265 @@
+"""Kafka clients with every safety option set explicitly, and the transactional
+consume -> produce -> commit helper that makes a service's output exactly-once.
+
+aiokafka's defaults are unsafe for agentbus (acks=1, no idempotence, auto-commit,
+read_uncommitted); nothing here relies on them.
+
+Fencing (DESIGN.md, "Sequencing and single writer"): aiokafka commits transactional
+offsets with ``TxnOffsetCommit`` v0, which does not check the consumer-group
+generation. So :class:`PartitionTransactions` keeps **one transactional producer per
+input partition**, its ``transactional_id`` derived from (group, topic, partition).
+The next owner of a partition initialises the same id, which bumps the producer
+epoch and fences the previous owner: its next send or commit fails with
+``ProducerFenced`` and nothing it decides after losing the partition is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+
+from shared.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "OutRecord",
+    "PartitionNotOwnedError",
+    "PartitionTransactions",
+    "TopicPartition",
+    "TransactionAbortedError",
+    "make_consumer",
+    "make_producer",
+    "producer_options",
+    "transactional_id_for",
+]
+
+
+def producer_options(settings: KafkaSettings, client_id: str) -> dict[str, object]:
+    """Options of every agentbus producer: acknowledged by all in-sync replicas, idempotent."""
+    return {
+        "bootstrap_servers": settings.kafka_bootstrap,
+        "client_id": client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "compression_type": None if settings.kafka_compression == "none" else settings.kafka_compression,
+        "linger_ms": settings.kafka_linger_ms,
+        "max_batch_size": settings.kafka_max_batch_bytes,
+        "max_request_size": settings.kafka_max_request_bytes,
+        "request_timeout_ms": settings.kafka_request_timeout_ms,
+        "retry_backoff_ms": 100,
+        "metadata_max_age_ms": 60000,
+    }
+
+
+def make_producer(
+    settings: KafkaSettings, *, client_id: str, transactional_id: str | None = None
+) -> AIOKafkaProducer:
+    """A producer (not started). With ``transactional_id`` it is transactional: start() fences older epochs."""
+    options = producer_options(settings, client_id)
+    if transactional_id is not None:
+        options["transactional_id"] = transactional_id
+        options["transaction_timeout_ms"] = settings.kafka_transaction_timeout_ms
+    return AIOKafkaProducer(**options)
+
+
+def make_consumer(
+    settings: KafkaSettings,
+    *,
+    group_id: str | None,
+    client_id: str,
+    topics: Sequence[str] = (),
+    auto_offset_reset: str = "earliest",
+) -> AIOKafkaConsumer:
+    """A consumer (not started): manual commits only, sees committed transactions only."""
+    return AIOKafkaConsumer(
+        *topics,
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=client_id,
+        group_id=group_id,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        auto_offset_reset=auto_offset_reset,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_ms,
+        max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
+        max_poll_records=settings.kafka_max_poll_records,
+        request_timeout_ms=settings.kafka_request_timeout_ms,
+        max_partition_fetch_bytes=settings.kafka_max_request_bytes,
+        metadata_max_age_ms=60000,
+        check_crcs=True,
+    )
+
+
+def transactional_id_for(group_id: str, tp: TopicPartition) -> str:
+    """The transactional id owned by whoever owns input partition ``tp`` in ``group_id``."""
+    return f"{group_id}|{tp.topic}|{tp.partition}"
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    """One record to publish inside a transaction."""
+
+    topic: str
+    value: bytes
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes]] = field(default_factory=tuple)
+    partition: int | None = None
+
+
+class PartitionNotOwnedError(KeyError):
+    """The input partition is not assigned to this consumer (revoked, or never ours)."""
+
+
+class TransactionAbortedError(RuntimeError):
+    """A transaction did not commit; nothing of it is visible to read_committed readers."""
+
+
+class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
+    """One transactional producer per assigned input partition; commits output and offsets atomically.
+
+    Register it as the consumer's rebalance listener (``consumer.subscribe(topics,
+    listener=txns)``) and pass that ``consumer``: it starts a producer for every
+    partition assigned (fencing the previous owner) and stops the producers of revoked
+    partitions.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        group_id: str,
+        client_id: str,
+        consumer: AIOKafkaConsumer | None = None,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._group_id = group_id
+        self._client_id = client_id
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        # aiokafka shows a new assignment before the listener's coroutine finishes, so a
+        # record can arrive while its partition's producer is still starting: commit waits.
+        self._opening: dict[TopicPartition, asyncio.Future[None]] = {}
+        self._locks: dict[TopicPartition, asyncio.Lock] = {}
+
+    @property
+    def partitions(self) -> frozenset[TopicPartition]:
+        """Partitions whose producer is started and ready to commit."""
+        return frozenset(self._producers)
+
+    async def producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The started transactional producer of ``tp``.
+
+        Raises:
+            PartitionNotOwnedError: ``tp`` is not (or no longer) assigned here.
+            KafkaError: its producer failed to start (InitProducerId refused or timed out).
+        """
+        if (
+            tp not in self._producers
+            and tp not in self._opening
+            and self._consumer is not None
+            and tp in self._consumer.assignment()
+        ):
+            # Assigned, but the listener has not run yet: open it now (the listener then no-ops).
+            await self._open(tp)
+        opening = self._opening.get(tp)
+        if opening is not None:
+            await asyncio.shield(opening)
+        try:
+            return self._producers[tp]
+        except KeyError:
+            raise PartitionNotOwnedError(tp) from None
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await asyncio.gather(*(self._open(tp) for tp in assigned))
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await asyncio.gather(*(self._close(tp) for tp in revoked))
+
+    async def _open(self, tp: TopicPartition) -> None:
+        if tp in self._producers or tp in self._opening:
+            return
+        opening: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._opening[tp] = opening
+        producer = make_producer(
+            self._settings,
+            client_id=f"{self._client_id}-{tp.topic}-{tp.partition}",
+            transactional_id=transactional_id_for(self._group_id, tp),
+        )
+        try:
+            await producer.start()  # InitProducerId: bumps the epoch, fencing the previous owner
+        except BaseException as exc:
+            await producer.stop()
+            opening.set_exception(exc)
+            opening.exception()  # retrieved here; waiters re-raise it
+            raise
+        else:
+            self._producers[tp] = producer
+            self._locks.setdefault(tp, asyncio.Lock())
+            opening.set_result(None)
+        finally:
+            self._opening.pop(tp, None)
+
+    async def _close(self, tp: TopicPartition) -> None:
+        producer = self._producers.pop(tp, None)
+        if producer is not None:
+            await producer.stop()
+
+    async def reopen(self, tp: TopicPartition) -> None:
+        """Throw away the partition's producer and start a new one (after an ambiguous error)."""
+        await self._close(tp)
+        await self._open(tp)
+
+    async def commit(
+        self, tp: TopicPartition, records: Sequence[OutRecord], next_offsets: Mapping[TopicPartition, int]
+    ) -> None:
+        """Publish ``records`` and commit ``next_offsets`` for this group in one transaction.
+
+        Raises:
+            ProducerFenced: another replica owns ``tp`` now; drop the work, do not retry.
+            TransactionAbortedError: the transaction was aborted; the input will be redelivered
+                or may be retried by the caller.
+            PartitionNotOwnedError: ``tp`` is not assigned to this consumer.
+        """
+        producer = await self.producer(tp)
+        sends: list[asyncio.Future[object]] = []
+        async with self._locks[tp]:
+            try:
+                async with producer.transaction():
+                    for r in records:
+                        sends.append(await producer.send(
+                            r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
+                        ))
+                    await producer.send_offsets_to_transaction(dict(next_offsets), self._group_id)
+                    if sends:
+                        await asyncio.gather(*sends)
+            except ProducerFenced:
+                _retrieve(sends)
+                log.warning("producer for %s fenced: another replica owns the partition", tp)
+                await self._close(tp)
+                raise
+            except KafkaError as exc:
+                _retrieve(sends)
+                # An ambiguous outcome (timeout, lost connection): the producer's state is unknown,
+                # so it is replaced rather than reused.
+                log.warning("transaction on %s aborted (%s); re-creating its producer", tp, exc)
+                await self.reopen(tp)
+                raise TransactionAbortedError(str(exc)) from exc
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(self._close(tp) for tp in list(self._producers)))
+
+
+def _retrieve(futures: Sequence[asyncio.Future[object]]) -> None:
+    """Mark failed send futures as seen: the transaction's error already tells what happened."""
+    for future in futures:
+        if future.done():
+            if not future.cancelled():
+                future.exception()
+        else:
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())

@@ -1,0 +1,91 @@
+"""Redis adapter: client factory and the hot-context store with compare-and-set on ``seq``.
+
+Redis is a cache (DESIGN.md, "Sources of truth"): it may be stale, evicted or wiped
+at any moment. Every hot-context entry carries the ``seq`` it reflects, and a write
+only lands when it is newer than what Redis holds, so a slow or fenced replica can
+never move a session's context backwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.settings import RedisSettings
+
+__all__ = ["HotContext", "HotContextStore", "context_key", "make_redis"]
+
+
+def make_redis(settings: RedisSettings) -> aioredis.Redis:
+    """An asyncio client with timeouts and a bounded retry on connection errors.
+
+    The pool blocks (up to the socket timeout) when all connections are busy instead of
+    failing, so a burst of concurrent sessions queues for a connection.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_timeout_s * 5,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        decode_responses=False,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def context_key(tenant_id: str, session_id: str) -> str:
+    """``ctx:{tenant}/{session}``: braces keep a session's keys in one Redis Cluster slot."""
+    return f"ctx:{{{tenant_id}/{session_id}}}"
+
+
+# KEYS[1] = context key; ARGV = seq, payload, ttl seconds. Writes only a strictly newer seq.
+_CAS_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], 'seq')
+if current and tonumber(current) >= tonumber(ARGV[1]) then
+  return {0, current}
+end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return {1, ARGV[1]}
+"""
+
+
+@dataclass(frozen=True)
+class HotContext:
+    seq: int
+    data: bytes
+
+
+class HotContextStore:
+    """``ctx:{session}`` hashes of (seq, data) with a TTL, written by compare-and-set."""
+
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int) -> None:
+        self._client = client
+        self._ttl_s = ttl_s
+        self._cas = client.register_script(_CAS_SCRIPT)
+
+    async def put_if_newer(self, tenant_id: str, session_id: str, seq: int, data: bytes) -> bool:
+        """Store ``data`` as the context at ``seq`` unless Redis already holds ``seq`` or newer.
+
+        Returns True when written, False when a newer (or equal) context is there: the
+        caller is a stale writer and must not overwrite it.
+        """
+        written, _current = await self._cas(
+            keys=[context_key(tenant_id, session_id)], args=[seq, data, self._ttl_s]
+        )
+        return bool(int(written))
+
+    async def get(self, tenant_id: str, session_id: str) -> HotContext | None:
+        """The cached context, or None when missing (evicted, expired, wiped)."""
+        seq, data = await self._client.hmget(context_key(tenant_id, session_id), ["seq", "data"])
+        if seq is None or data is None:
+            return None
+        return HotContext(int(seq), bytes(data))

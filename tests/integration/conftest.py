@@ -1,0 +1,100 @@
+"""Fixtures for tests against the real local servers (started by `make up`).
+
+The servers are started once, by the project's own launcher, before pytest runs;
+these fixtures fail (never skip) when one does not answer. Each test session gets
+its own Cassandra keyspace, and each test its own topic prefix, so runs never see
+each other's data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from cassandra.cluster import Cluster, Session
+
+from infra.local.stack import SERVERS, StackSettings
+from shared.cassandra import Statements, connect
+from shared.migrations import apply_migrations
+from shared.settings import CassandraSettings, KafkaSettings, RedisSettings, TritonSettings
+from shared.topics import TOPICS, ensure_topics
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers_up() -> None:
+    settings = StackSettings()
+    down = [name for name, cls in SERVERS.items() if not cls(settings).healthy()]
+    if down:
+        pytest.fail(f"servers not answering: {down}; start them with `make up`", pytrace=False)
+
+
+@pytest.fixture
+def kafka_settings() -> KafkaSettings:
+    """Kafka settings with a topic prefix of this test's own."""
+    return KafkaSettings.from_env(topic_prefix=f"test-{uuid.uuid4().hex[:10]}", topic_partitions=3)
+
+
+@pytest.fixture
+async def topics(kafka_settings: KafkaSettings) -> KafkaSettings:
+    await ensure_topics(kafka_settings, TOPICS)
+    return kafka_settings
+
+
+@pytest.fixture(scope="session")
+def cassandra_settings() -> CassandraSettings:
+    return CassandraSettings.from_env(cassandra_keyspace=f"test_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(scope="session")
+def cassandra_session(cassandra_settings: CassandraSettings) -> Iterator[Session]:
+    cluster: Cluster
+    cluster, session = connect(cassandra_settings, keyspace="")
+    apply_migrations(session, cassandra_settings)
+    yield session
+    if not os.environ.get("AGENTBUS_KEEP_TEST_KEYSPACE"):
+        session.execute(f"DROP KEYSPACE IF EXISTS {cassandra_settings.cassandra_keyspace}", timeout=60)
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def statements(cassandra_session: Session, cassandra_settings: CassandraSettings) -> Statements:
+    return Statements(cassandra_session, cassandra_settings.cassandra_keyspace)
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[object]:
+    from shared.redis import make_redis
+
+    client = make_redis(RedisSettings.from_env())
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def triton_settings() -> TritonSettings:
+    return TritonSettings.from_env()
+
+
+@pytest.fixture
+def run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+async def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0.1) -> None:
+    """Poll an async predicate until it is true or ``timeout`` passes (then fail)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if await predicate():  # type: ignore[operator]
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)

@@ -1,0 +1,133 @@
+"""Kafka on the real broker: topics, transactions, read_committed, fencing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import ProducerFenced
+
+from shared.kafka import OutRecord, PartitionTransactions, make_consumer, make_producer
+from shared.settings import KafkaSettings
+from shared.topics import DAY_MS, TOPICS, ensure_topics
+
+
+async def _drain(consumer: AIOKafkaConsumer, want: int, timeout: float = 15.0) -> list[bytes]:
+    values: list[bytes] = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(values) < want and asyncio.get_running_loop().time() < deadline:
+        batches = await consumer.getmany(timeout_ms=300)
+        for records in batches.values():
+            values.extend(r.value for r in records)
+    return values
+
+
+async def test_topics_are_created_idempotently_with_their_settings(kafka_settings: KafkaSettings) -> None:
+    first = await ensure_topics(kafka_settings, TOPICS)
+    assert sorted(first) == sorted(f"created {kafka_settings.topic(t.name)}" for t in TOPICS)
+    second = await ensure_topics(kafka_settings, TOPICS)
+    assert all(line.startswith("ok ") for line in second), second
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([kafka_settings.topic(t.name) for t in TOPICS])
+        assert {len(t["partitions"]) for t in described} == {kafka_settings.topic_partitions}
+        dlq = kafka_settings.topic("dlq")
+        response = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, dlq)])
+        configs = {entry[0]: entry[1] for entry in response[0].resources[0][4]}
+        assert configs["retention.ms"] == str(90 * DAY_MS)
+        assert configs["cleanup.policy"] == "delete"
+    finally:
+        await admin.close()
+
+
+async def test_topic_partitions_grow_but_never_shrink(kafka_settings: KafkaSettings) -> None:
+    await ensure_topics(kafka_settings, TOPICS)
+    grown = KafkaSettings.from_env(topic_prefix=kafka_settings.topic_prefix, topic_partitions=5)
+    report = await ensure_topics(grown, TOPICS)
+    assert f"grew {grown.topic('events')} from 3 to 5 partitions" in report
+    shrunk = await ensure_topics(kafka_settings, TOPICS)
+    assert any(line.startswith(f"kept {grown.topic('events')} at 5") for line in shrunk)
+
+
+async def test_transaction_commits_output_and_offsets_and_hides_aborted(topics: KafkaSettings) -> None:
+    s = topics
+    inbox, out = s.topic("reasoning.inbox"), s.topic("events")
+    group = f"{s.topic_prefix}-group"
+
+    consumer = make_consumer(s, group_id=group, client_id="test-consumer")
+    txns = PartitionTransactions(s, group_id=group, client_id="test", consumer=consumer)
+    consumer.subscribe([inbox], listener=txns)
+    await consumer.start()
+    try:
+        # A fresh topic's metadata may still be settling: wait for the whole assignment, so
+        # no rebalance revokes the partition (and its producer) mid-test.
+        while len(consumer.assignment()) < s.topic_partitions:
+            await consumer.getmany(timeout_ms=200)
+        for tp in consumer.assignment():
+            await txns.producer(tp)  # waits while the listener is still starting it
+        assert txns.partitions == consumer.assignment()
+
+        # Input: three records on partition 0 of the inbox.
+        plain = make_producer(s, client_id="test-input")
+        await plain.start()
+        for i in range(3):
+            await plain.send_and_wait(inbox, f"in-{i}".encode(), key=b"session-a", partition=0)
+        await plain.stop()
+
+        got: list[tuple[TopicPartition, int, bytes]] = []
+        while len(got) < 3:
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                got.extend((tp, r.offset, r.value) for r in records)
+        tp = got[0][0]
+        # Record 0 and 1: a committed transaction; record 2: an aborted one.
+        await txns.commit(tp, [OutRecord(out, b"decided-0", key=b"session-a"),
+                               OutRecord(out, b"decided-1", key=b"session-a")], {tp: got[1][1] + 1})
+        producer = await txns.producer(tp)
+        await producer.begin_transaction()
+        await producer.send_and_wait(out, b"aborted-2", key=b"session-a")
+        await producer.send_offsets_to_transaction({tp: got[2][1] + 1}, group)
+        await producer.abort_transaction()
+        committed = await consumer.committed(tp)
+        assert committed == got[1][1] + 1, "only the committed transaction moved the group's offset"
+    finally:
+        await txns.stop()
+        await consumer.stop()
+
+    reader = make_consumer(s, group_id=None, client_id="test-reader", topics=[out])
+    await reader.start()
+    try:
+        values = await _drain(reader, 3, timeout=5.0)
+    finally:
+        await reader.stop()
+    assert values == [b"decided-0", b"decided-1"]
+
+
+async def test_new_owner_of_a_partition_fences_the_old_one(topics: KafkaSettings) -> None:
+    s = topics
+    out = s.topic("events")
+    group = f"{s.topic_prefix}-fence"
+    tp = TopicPartition(s.topic("reasoning.inbox"), 1)
+    old = PartitionTransactions(s, group_id=group, client_id="old-owner")
+    new = PartitionTransactions(s, group_id=group, client_id="new-owner")
+    await old.on_partitions_assigned([tp])
+    await old.commit(tp, [OutRecord(out, b"from-old-before", key=b"k")], {tp: 1})
+    # The partition moves (the old owner did not notice: a zombie).
+    await new.on_partitions_assigned([tp])
+    with pytest.raises(ProducerFenced):
+        await old.commit(tp, [OutRecord(out, b"from-zombie", key=b"k")], {tp: 2})
+    await new.commit(tp, [OutRecord(out, b"from-new", key=b"k")], {tp: 2})
+    await new.stop()
+    await old.stop()
+
+    reader = make_consumer(s, group_id=None, client_id="fence-reader", topics=[out])
+    await reader.start()
+    try:
+        values = await _drain(reader, 3, timeout=5.0)
+    finally:
+        await reader.stop()
+    assert sorted(values) == [b"from-new", b"from-old-before"]
