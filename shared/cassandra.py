@@ -19,7 +19,7 @@ from cassandra.query import PreparedStatement, Statement, dict_factory
 
 from shared.settings import CassandraSettings
 
-__all__ = ["Statements", "consistency", "execute", "make_cluster", "connect"]
+__all__ = ["Statements", "connect", "consistency", "execute", "make_cluster"]
 
 
 def consistency(name: str) -> int:

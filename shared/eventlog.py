@@ -60,8 +60,20 @@ class EventLog:
         for (tenant, session, bucket), group in groupby(sorted(events, key=key), key=key):
             batch = BatchStatement(batch_type=BatchType.UNLOGGED)
             for e in group:
-                batch.add(insert, (tenant, session, bucket, e.seq, e.turn_id, e.event_type, e.record,
-                                   e.trace_id, e.occurred_at))
+                batch.add(
+                    insert,
+                    (
+                        tenant,
+                        session,
+                        bucket,
+                        e.seq,
+                        e.turn_id,
+                        e.event_type,
+                        e.record,
+                        e.trace_id,
+                        e.occurred_at,
+                    ),
+                )
             await execute(self._st.session, batch)
 
     async def read(self, tenant_id: str, session_id: str, *, from_seq: int = 0) -> list[StoredEvent]:
@@ -73,8 +85,16 @@ class EventLog:
             if not rows:
                 return out
             out.extend(
-                StoredEvent(tenant_id, session_id, r["seq"], r["turn_id"], r["event_type"], r["record"],
-                            r["trace_id"], r["occurred_at"].replace(tzinfo=dt.UTC))
+                StoredEvent(
+                    tenant_id,
+                    session_id,
+                    r["seq"],
+                    r["turn_id"],
+                    r["event_type"],
+                    r["record"],
+                    r["trace_id"],
+                    r["occurred_at"].replace(tzinfo=dt.UTC),
+                )
                 for r in rows
             )
             bucket += 1

@@ -60,7 +60,7 @@ def producer_options(settings: KafkaSettings, client_id: str) -> dict[str, objec
 def make_producer(
     settings: KafkaSettings, *, client_id: str, transactional_id: str | None = None
 ) -> AIOKafkaProducer:
-    """A producer (not started). With ``transactional_id`` it is transactional: start() fences older epochs."""
+    """A producer (not started); with ``transactional_id``, start() fences older epochs of that id."""
     options = producer_options(settings, client_id)
     if transactional_id is not None:
         options["transactional_id"] = transactional_id
@@ -232,9 +232,11 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
             try:
                 async with producer.transaction():
                     for r in records:
-                        sends.append(await producer.send(
-                            r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
-                        ))
+                        sends.append(
+                            await producer.send(
+                                r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
+                            )
+                        )
                     await producer.send_offsets_to_transaction(dict(next_offsets), self._group_id)
                     if sends:
                         await asyncio.gather(*sends)

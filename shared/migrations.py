@@ -29,7 +29,9 @@ from shared.cassandra import connect
 from shared.settings import CassandraSettings
 
 MIGRATIONS_DIR = Path(
-    os.environ.get("AGENTBUS_MIGRATIONS_DIR", Path(__file__).resolve().parent.parent / "infra/cassandra/migrations")
+    os.environ.get(
+        "AGENTBUS_MIGRATIONS_DIR", Path(__file__).resolve().parent.parent / "infra/cassandra/migrations"
+    )
 )
 _FILE = re.compile(r"^V(\d+)__([A-Za-z0-9_]+)\.cql$")
 _KEYSPACE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
@@ -67,8 +69,9 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if version in found:
             raise MigrationError(f"two migrations with version {version}")
         text = path.read_text()
-        found[version] = Migration(version, match.group(2), tuple(split_statements(text)),
-                                   hashlib.sha256(text.encode()).hexdigest())
+        found[version] = Migration(
+            version, match.group(2), tuple(split_statements(text)), hashlib.sha256(text.encode()).hexdigest()
+        )
     return [found[v] for v in sorted(found)]
 
 
@@ -78,7 +81,8 @@ def _ensure_keyspace(session: Session, settings: CassandraSettings) -> str:
         raise MigrationError(f"invalid keyspace name {keyspace!r}")
     replication = settings.cassandra_replication
     strategy = (
-        "{'class': 'SimpleStrategy', 'replication_factor': 1}" if replication == 1
+        "{'class': 'SimpleStrategy', 'replication_factor': 1}"
+        if replication == 1
         else f"{{'class': 'NetworkTopologyStrategy', '{settings.cassandra_local_dc}': {replication}}}"
     )
     session.execute(f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {strategy}")
@@ -91,8 +95,10 @@ def _ensure_keyspace(session: Session, settings: CassandraSettings) -> str:
 
 
 def applied_versions(session: Session) -> dict[int, tuple[str, str]]:
-    return {r["version"]: (r["name"], r["checksum"])
-            for r in session.execute("SELECT version, name, checksum FROM schema_migrations")}
+    return {
+        r["version"]: (r["name"], r["checksum"])
+        for r in session.execute("SELECT version, name, checksum FROM schema_migrations")
+    }
 
 
 def apply_migrations(
@@ -126,8 +132,9 @@ def apply_migrations(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentbus-migrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="agentbus-migrate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["apply", "status"])
     args = parser.parse_args(argv)
     settings = CassandraSettings.from_env()
@@ -138,8 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _ensure_keyspace(session, settings)
             done = applied_versions(session)
-            lines = [f"{'applied' if m.version in done else 'pending'} V{m.version:03d}__{m.name}"
-                     for m in load_migrations()]
+            lines = [
+                f"{'applied' if m.version in done else 'pending'} V{m.version:03d}__{m.name}"
+                for m in load_migrations()
+            ]
     finally:
         cluster.shutdown()
     for line in lines:

@@ -88,4 +88,4 @@ class HotContextStore:
         seq, data = await self._client.hmget(context_key(tenant_id, session_id), ["seq", "data"])
         if seq is None or data is None:
             return None
-        return HotContext(int(seq), bytes(data))
+        return HotContext(int(seq), data if isinstance(data, bytes) else data.encode())

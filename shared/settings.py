@@ -16,7 +16,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Self, TypeVar, cast
+from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -30,7 +30,7 @@ class SettingsError(ValueError):
 
 def setting(env: str, default: T, doc: str) -> T:
     """Declare a settings field read from ``env``, with ``default`` and a one-line ``doc``."""
-    return cast(T, dataclasses.field(default=default, metadata={"env": env, "doc": doc}))
+    return dataclasses.field(default=default, metadata={"env": env, "doc": doc})
 
 
 def _parse(raw: str, kind: Any, env: str) -> object:
@@ -96,7 +96,9 @@ class ServiceSettings(Settings):
     service_name: str = setting("AGENTBUS_SERVICE_NAME", "agentbus", "Name in logs, traces and client ids")
     http_port: int = setting("AGENTBUS_HTTP_PORT", 8080, "Port of /healthz, /readyz and /metrics")
     log_level: str = setting("AGENTBUS_LOG_LEVEL", "INFO", "Python logging level")
-    shutdown_grace_s: float = setting("AGENTBUS_SHUTDOWN_GRACE_S", 30.0, "SIGTERM: time to finish in-flight work")
+    shutdown_grace_s: float = setting(
+        "AGENTBUS_SHUTDOWN_GRACE_S", 30.0, "SIGTERM: time to finish in-flight work"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,9 @@ class KafkaSettings(Settings):
     topic_prefix: str = setting("AGENTBUS_TOPIC_PREFIX", "agentbus", "Prefix of every topic name")
     topic_partitions: int = setting("AGENTBUS_TOPIC_PARTITIONS", 12, "Partitions of each topic at creation")
     topic_replication: int = setting("AGENTBUS_TOPIC_REPLICATION", 1, "Replication factor at topic creation")
-    kafka_request_timeout_ms: int = setting("AGENTBUS_KAFKA_REQUEST_TIMEOUT_MS", 30000, "Client request timeout")
+    kafka_request_timeout_ms: int = setting(
+        "AGENTBUS_KAFKA_REQUEST_TIMEOUT_MS", 30000, "Client request timeout"
+    )
     kafka_session_timeout_ms: int = setting(
         "AGENTBUS_KAFKA_SESSION_TIMEOUT_MS", 10000, "Consumer group session timeout (failover time)"
     )
@@ -115,7 +119,9 @@ class KafkaSettings(Settings):
     )
     kafka_max_poll_records: int = setting("AGENTBUS_KAFKA_MAX_POLL_RECORDS", 500, "Records per getmany()")
     kafka_linger_ms: int = setting("AGENTBUS_KAFKA_LINGER_MS", 2, "Producer batching delay")
-    kafka_compression: str = setting("AGENTBUS_KAFKA_COMPRESSION", "lz4", "Producer compression codec or none")
+    kafka_compression: str = setting(
+        "AGENTBUS_KAFKA_COMPRESSION", "lz4", "Producer compression codec or none"
+    )
     kafka_max_batch_bytes: int = setting("AGENTBUS_KAFKA_MAX_BATCH_BYTES", 262144, "Producer batch size")
     kafka_max_request_bytes: int = setting(
         "AGENTBUS_KAFKA_MAX_REQUEST_BYTES", 1048576, "Largest produce request (and so record)"

@@ -58,17 +58,23 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 async def ensure_topics(settings: KafkaSettings, specs: Sequence[TopicSpec] = TOPICS) -> list[str]:
     """Create missing topics and grow short ones; returns one line per action taken or checked."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap,
-                                request_timeout_ms=settings.kafka_request_timeout_ms)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=settings.kafka_request_timeout_ms
+    )
     await admin.start()
     report: list[str] = []
     try:
         existing = set(await admin.list_topics())
         wanted = {settings.topic(s.name): s for s in specs}
         missing = [
-            NewTopic(name, s.partitions or settings.topic_partitions, settings.topic_replication,
-                     topic_configs=s.configs(settings))
-            for name, s in wanted.items() if name not in existing
+            NewTopic(
+                name,
+                s.partitions or settings.topic_partitions,
+                settings.topic_replication,
+                topic_configs=s.configs(settings),
+            )
+            for name, s in wanted.items()
+            if name not in existing
         ]
         present = [n for n in wanted if n in existing]
         if missing:
@@ -95,10 +101,12 @@ async def ensure_topics(settings: KafkaSettings, specs: Sequence[TopicSpec] = TO
                     report.append(f"kept {name} at {have} partitions (asked for {want}; Kafka cannot shrink)")
                 else:
                     report.append(f"ok {name} ({have} partitions)")
-            await admin.alter_configs([
-                ConfigResource(ConfigResourceType.TOPIC, name, configs=wanted[name].configs(settings))
-                for name in present
-            ])
+            await admin.alter_configs(
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, name, configs=wanted[name].configs(settings))
+                    for name in present
+                ]
+            )
     finally:
         await admin.close()
     return report
@@ -116,8 +124,9 @@ async def describe_topics(settings: KafkaSettings) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentbus-topics", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="agentbus-topics", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["create", "describe"])
     args = parser.parse_args(argv)
     settings = KafkaSettings.from_env()

@@ -6,9 +6,9 @@ out, optional ``stream`` (BOOL), ``sampling_parameters`` (BYTES, JSON) and
 ``exclude_input_in_output`` (BOOL). Those models are *decoupled*, so generation goes
 over the bidirectional ``ModelStreamInfer`` RPC and ends at the response flagged
 ``triton_final_response`` (the model sends the FINAL flag with its last response, as
-the vLLM backend does; the aio client cannot ask for an extra empty final response). The reference policy model serves the same contract, so
-a real LLM replaces it by configuration alone (``AGENTBUS_TRITON_URL``,
-``AGENTBUS_TRITON_MODEL``).
+the vLLM backend does; the aio client cannot ask for an extra empty final response).
+The reference policy model serves the same contract, so a real LLM replaces it by
+configuration alone (``AGENTBUS_TRITON_URL``, ``AGENTBUS_TRITON_MODEL``).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ class TritonModel:
             "inputs": [
                 _scalar("text_input", prompt.encode("utf-8"), "BYTES"),
                 _scalar("stream", stream, "BOOL"),
-                _scalar("sampling_parameters", json.dumps(self.sampling_parameters(sampling)).encode(), "BYTES"),
+                _scalar(
+                    "sampling_parameters", json.dumps(self.sampling_parameters(sampling)).encode(), "BYTES"
+                ),
                 _scalar("exclude_input_in_output", True, "BOOL"),
             ],
             "outputs": [InferRequestedOutput("text_output")],
@@ -113,8 +115,9 @@ class TritonModel:
                     if final is not None and final.bool_param:
                         return
         except TimeoutError as exc:
-            raise ModelCallError(f"model {self.name} gave no final response within {deadline}s",
-                                 transient=True) from exc
+            raise ModelCallError(
+                f"model {self.name} gave no final response within {deadline}s", transient=True
+            ) from exc
         except InferenceServerException as exc:
             raise _model_error(exc) from exc
         finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import shutil
@@ -48,7 +49,9 @@ class StackSettings:
     """Where and how the local servers run; every field comes from an environment variable."""
 
     home: str = _env("AGENTBUS_LOCAL_DIR", str(ROOT / ".local"), "Folder for jars, pid files and logs")
-    data_dir: str = _env("AGENTBUS_DATA_DIR", "", "Folder for server data (default: $AGENTBUS_LOCAL_DIR/data)")
+    data_dir: str = _env(
+        "AGENTBUS_DATA_DIR", "", "Folder for server data (default: $AGENTBUS_LOCAL_DIR/data)"
+    )
     kafka_port: str = _env("AGENTBUS_KAFKA_PORT", "19092", "Kafka PLAINTEXT listener port")
     kafka_controller_port: str = _env("AGENTBUS_KAFKA_CONTROLLER_PORT", "19093", "KRaft controller port")
     kafka_heap: str = _env("AGENTBUS_KAFKA_HEAP", "512m", "Kafka JVM max heap (-Xmx)")
@@ -57,12 +60,16 @@ class StackSettings:
     cassandra_jmx_port: str = _env("AGENTBUS_CASSANDRA_JMX_PORT", "17199", "Cassandra local JMX port")
     cassandra_heap: str = _env("AGENTBUS_CASSANDRA_HEAP", "1g", "Cassandra JVM heap (-Xms and -Xmx)")
     redis_port: str = _env("AGENTBUS_REDIS_PORT", "16379", "Redis port")
-    redis_appendonly: str = _env("AGENTBUS_REDIS_APPENDONLY", "no", "yes: Redis keeps an AOF (demo); no: tests")
+    redis_appendonly: str = _env(
+        "AGENTBUS_REDIS_APPENDONLY", "no", "yes: Redis keeps an AOF (demo); no: tests"
+    )
     triton_http_port: str = _env("AGENTBUS_TRITON_HTTP_PORT", "18000", "Triton HTTP port")
     triton_grpc_port: str = _env("AGENTBUS_TRITON_GRPC_PORT", "18001", "Triton gRPC port")
     triton_metrics_port: str = _env("AGENTBUS_TRITON_METRICS_PORT", "18002", "Triton Prometheus metrics port")
     triton_models: str = _env(
-        "AGENTBUS_TRITON_MODEL_REPOSITORY", str(ROOT / "infra" / "triton" / "models"), "Triton model repository"
+        "AGENTBUS_TRITON_MODEL_REPOSITORY",
+        str(ROOT / "infra" / "triton" / "models"),
+        "Triton model repository",
     )
     start_timeout: str = _env("AGENTBUS_START_TIMEOUT", "300", "Seconds `up` waits for every server")
 
@@ -133,8 +140,17 @@ def _fetch_jars(pom: Path, lib: Path, progress: Callable[[str], None]) -> None:
         shutil.rmtree(lib)
     lib.mkdir(parents=True)
     subprocess.run(
-        ["mvn", "-B", "-q", "-Dstyle.color=never", "-f", str(pom), "dependency:copy-dependencies",
-         f"-DoutputDirectory={lib}", "-DincludeScope=runtime"],
+        [
+            "mvn",
+            "-B",
+            "-q",
+            "-Dstyle.color=never",
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={lib}",
+            "-DincludeScope=runtime",
+        ],
         check=True,
     )
     stamp.write_text(digest)
@@ -205,8 +221,13 @@ class Server:
             log.write(f"\n==== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {self.name}\n".encode())
             log.flush()
             proc = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.environment(), start_new_session=True, cwd=str(self.data),
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.environment(),
+                start_new_session=True,
+                cwd=str(self.data),
             )
         started = _proc_start_time(proc.pid)
         self.pid_file.write_text(f"{proc.pid} {started}\n")
@@ -219,20 +240,16 @@ class Server:
             return "not running"
         # The process leads its own session (start_new_session): signal the group so helper
         # processes it spawned (Triton's Python backend stubs) go with it.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.running_pid() is not None:
             _reap(pid)
             time.sleep(0.2)
         outcome = "stopped"
         if self.running_pid() is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             outcome = "killed after timeout"
             time.sleep(0.5)
             _reap(pid)
@@ -241,10 +258,8 @@ class Server:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
 class Kafka(Server):
@@ -266,23 +281,47 @@ class Kafka(Server):
         _fetch_jars(HERE / "kafka" / "pom.xml", self.lib, progress)
         logs = self.data / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        _render(HERE / "kafka" / "server.properties.in", self.config, port=self.s.kafka_port,
-                controller_port=self.s.kafka_controller_port, log_dirs=str(logs))
+        _render(
+            HERE / "kafka" / "server.properties.in",
+            self.config,
+            port=self.s.kafka_port,
+            controller_port=self.s.kafka_controller_port,
+            log_dirs=str(logs),
+        )
         if not (logs / "meta.properties").exists():
             progress("formatting Kafka storage (KRaft)")
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             subprocess.run(
-                ["java", "-cp", f"{self.lib}/*", f"-Dlog4j.configuration=file:{HERE / 'kafka' / 'log4j.properties'}",
-                 "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.config)],
-                check=True, stdout=subprocess.DEVNULL,
+                [
+                    "java",
+                    "-cp",
+                    f"{self.lib}/*",
+                    f"-Dlog4j.configuration=file:{HERE / 'kafka' / 'log4j.properties'}",
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(self.config),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
 
     def command(self) -> list[str]:
         return [
-            "java", f"-Xmx{self.s.kafka_heap}", "-Xms128m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
-            "-Djava.awt.headless=true", f"-Dkafka.logs.dir={self.data / 'app-logs'}",
+            "java",
+            f"-Xmx{self.s.kafka_heap}",
+            "-Xms128m",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dkafka.logs.dir={self.data / 'app-logs'}",
             f"-Dlog4j.configuration=file:{HERE / 'kafka' / 'log4j.properties'}",
-            "-cp", f"{self.lib}/*", "kafka.Kafka", str(self.config),
+            "-cp",
+            f"{self.lib}/*",
+            "kafka.Kafka",
+            str(self.config),
         ]
 
     def healthy(self) -> bool:
@@ -292,7 +331,7 @@ class Kafka(Server):
 
 
 async def _kafka_metadata_ok(bootstrap: str) -> bool:
-    from aiokafka.client import AIOKafkaClient  # type: ignore[import-untyped]
+    from aiokafka.client import AIOKafkaClient
 
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=3000)
     try:
@@ -323,22 +362,31 @@ class Cassandra(Server):
     def prepare(self, progress: Callable[[str], None]) -> None:
         _fetch_jars(HERE / "cassandra" / "pom.xml", self.lib, progress)
         self.data.mkdir(parents=True, exist_ok=True)
-        _render(HERE / "cassandra" / "cassandra.yaml.in", self.config, data_dir=str(self.data),
-                storage_port=self.s.cassandra_storage_port,
-                ssl_storage_port=str(int(self.s.cassandra_storage_port) + 1),
-                native_port=self.s.cassandra_port)
+        _render(
+            HERE / "cassandra" / "cassandra.yaml.in",
+            self.config,
+            data_dir=str(self.data),
+            storage_port=self.s.cassandra_storage_port,
+            ssl_storage_port=str(int(self.s.cassandra_storage_port) + 1),
+            native_port=self.s.cassandra_port,
+        )
 
     def command(self) -> list[str]:
         # One flag per line; "--add-opens X" becomes "--add-opens=X" so it stays one argument.
         jvm_flags = [
-            line.strip().replace(" ", "=", 1) for line in (HERE / "cassandra" / "jvm17.options").read_text().splitlines()
+            line.strip().replace(" ", "=", 1)
+            for line in (HERE / "cassandra" / "jvm17.options").read_text().splitlines()
             if line.strip() and not line.lstrip().startswith("#")
         ]
         jamm = sorted(self.lib.glob("jamm-*.jar"))
         agent = [f"-javaagent:{jamm[0]}"] if jamm else []
         return [
-            "java", f"-Xms{self.s.cassandra_heap}", f"-Xmx{self.s.cassandra_heap}", "-Xss256k",
-            *jvm_flags, *agent,
+            "java",
+            f"-Xms{self.s.cassandra_heap}",
+            f"-Xmx{self.s.cassandra_heap}",
+            "-Xss256k",
+            *jvm_flags,
+            *agent,
             "-Dcassandra-foreground=yes",
             f"-Dcassandra.config=file://{self.config}",
             f"-Dcassandra.storagedir={self.data}",
@@ -350,20 +398,21 @@ class Cassandra(Server):
             "-Dcassandra.ring_delay_ms=1000",
             "-Dcassandra.load_ring_state=false",
             "-Dcassandra.initial_token=0",
-            "-cp", f"{self.lib}/*", "org.apache.cassandra.service.CassandraDaemon",
+            "-cp",
+            f"{self.lib}/*",
+            "org.apache.cassandra.service.CassandraDaemon",
         ]
 
     def healthy(self) -> bool:
         if not _port_open(self.port):
             return False
-        from cassandra.cluster import Cluster
-        from cassandra.policies import RoundRobinPolicy
+        from shared.cassandra import make_cluster
+        from shared.settings import CassandraSettings
 
-        cluster = Cluster(["127.0.0.1"], port=self.port, connect_timeout=3, control_connection_timeout=3,
-                          protocol_version=5, load_balancing_policy=RoundRobinPolicy())
+        cluster = make_cluster(CassandraSettings(cassandra_port=self.port, cassandra_request_timeout_s=5))
         try:
             session = cluster.connect()
-            row = session.execute("SELECT release_version FROM system.local", timeout=5).one()
+            row = session.execute("SELECT release_version FROM system.local").one()
             return row is not None
         except Exception:  # noqa: BLE001 - any failure means "not ready yet"
             return False
@@ -385,9 +434,23 @@ class Redis(Server):
 
     def command(self) -> list[str]:
         return [
-            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
-            "--daemonize", "no", "--dir", str(self.data), "--save", "",
-            "--appendonly", self.s.redis_appendonly, "--maxclients", "10000",
+            "redis-server",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--daemonize",
+            "no",
+            "--dir",
+            str(self.data),
+            "--save",
+            "",
+            "--appendonly",
+            self.s.redis_appendonly,
+            "--maxclients",
+            "10000",
         ]
 
     def healthy(self) -> bool:
@@ -418,7 +481,7 @@ class Triton(Server):
     @staticmethod
     def pytriton_root() -> Path:
         try:
-            import pytriton  # type: ignore[import-untyped]
+            import pytriton
         except ImportError as exc:
             raise SystemExit("nvidia-pytriton is not installed: run `make setup`") from exc
         return Path(pytriton.__file__).resolve().parent / "tritonserver"
@@ -430,8 +493,10 @@ class Triton(Server):
         python_backend = self.backends / "python"
         python_backend.mkdir(parents=True, exist_ok=True)
         version = f"{sys.version_info.major}.{sys.version_info.minor}"
-        sources = [*sorted((root / "backends" / "python").iterdir()),
-                   *sorted((root / "python_backend_stubs" / version).iterdir())]
+        sources = [
+            *sorted((root / "backends" / "python").iterdir()),
+            *sorted((root / "python_backend_stubs" / version).iterdir()),
+        ]
         for src in sources:
             link = python_backend / src.name
             if link.is_symlink() or link.exists():
@@ -463,9 +528,13 @@ class Triton(Server):
             f"--http-port={self.s.triton_http_port}",
             f"--grpc-port={self.s.triton_grpc_port}",
             f"--metrics-port={self.s.triton_metrics_port}",
-            "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
-            "--allow-metrics=true", "--allow-gpu-metrics=false",
-            "--exit-on-error=true", "--strict-readiness=true", "--log-verbose=0",
+            "--http-address=127.0.0.1",
+            "--grpc-address=127.0.0.1",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            "--log-verbose=0",
         ]
 
     def healthy(self) -> bool:
@@ -583,8 +652,9 @@ def cmd_env(settings: StackSettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agentbus-stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="agentbus-stack", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("up", "down"):
         p = sub.add_parser(name)

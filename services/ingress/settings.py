@@ -9,8 +9,12 @@ from shared.settings import KafkaSettings, RedisSettings, ServiceSettings, setti
 class IngressSettings(ServiceSettings, KafkaSettings, RedisSettings):
     service_name: str = setting("AGENTBUS_SERVICE_NAME", "ingress", "Name in logs, traces and client ids")
     http_port: int = setting("AGENTBUS_HTTP_PORT", 8081, "Port of /healthz, /readyz and /metrics")
-    group_id: str = setting("AGENTBUS_INGRESS_GROUP", "agentbus-ingress", "Consumer group of agentbus.ingress")
-    max_record_bytes: int = setting("AGENTBUS_INGRESS_MAX_RECORD_BYTES", 65536, "Larger records go to the DLQ")
+    group_id: str = setting(
+        "AGENTBUS_INGRESS_GROUP", "agentbus-ingress", "Consumer group of agentbus.ingress"
+    )
+    max_record_bytes: int = setting(
+        "AGENTBUS_INGRESS_MAX_RECORD_BYTES", 65536, "Larger records go to the DLQ"
+    )
     max_text_chars: int = setting("AGENTBUS_INGRESS_MAX_TEXT_CHARS", 16000, "Longer messages are rejected")
     tenant_secrets_file: str = setting(
         "AGENTBUS_TENANT_SECRETS_FILE", "", "JSON file {tenant_id: hex secret} for HMAC-SHA256 signatures"

@@ -18,7 +18,9 @@ class ReasoningSettings(ServiceSettings, KafkaSettings, CassandraSettings, Redis
     http_port: int = setting("AGENTBUS_HTTP_PORT", 8082, "Port of /healthz, /readyz and /metrics")
     group_id: str = setting("AGENTBUS_REASONING_GROUP", "agentbus-reasoning", "Consumer group of the inbox")
     max_steps_per_turn: int = setting("AGENTBUS_MAX_STEPS_PER_TURN", 8, "Model decisions allowed in one turn")
-    turn_deadline_s: float = setting("AGENTBUS_TURN_DEADLINE_S", 120.0, "A turn older than this ends in error")
+    turn_deadline_s: float = setting(
+        "AGENTBUS_TURN_DEADLINE_S", 120.0, "A turn older than this ends in error"
+    )
     model_rate_per_s: float = setting("AGENTBUS_MODEL_RATE_PER_S", 200.0, "Model calls/s, shared by replicas")
     model_burst: int = setting("AGENTBUS_MODEL_BURST", 50, "Token bucket size of model calls")
     max_inflight_model_calls: int = setting(

@@ -8,7 +8,6 @@ each other's data.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -87,14 +86,3 @@ def triton_settings() -> TritonSettings:
 @pytest.fixture
 def run_id() -> str:
     return uuid.uuid4().hex[:12]
-
-
-async def wait_for(predicate: object, timeout: float = 20.0, interval: float = 0.1) -> None:
-    """Poll an async predicate until it is true or ``timeout`` passes (then fail)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        if await predicate():  # type: ignore[operator]
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)

@@ -11,13 +11,21 @@ from cassandra.cluster import Session
 
 from shared.cassandra import Statements, consistency
 from shared.eventlog import EVENTS_PER_BUCKET, EventLog, StoredEvent
-from shared.migrations import MigrationError, apply_migrations, applied_versions, load_migrations
+from shared.migrations import MigrationError, applied_versions, apply_migrations, load_migrations
 from shared.settings import CassandraSettings
 
 
 def _event(tenant: str, session: str, seq: int, body: bytes = b"") -> StoredEvent:
-    return StoredEvent(tenant, session, seq, f"turn-{seq // 5}", "MODEL_DECIDED", body or f"e{seq}".encode(),
-                       "0" * 32, dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=seq))
+    return StoredEvent(
+        tenant,
+        session,
+        seq,
+        f"turn-{seq // 5}",
+        "MODEL_DECIDED",
+        body or f"e{seq}".encode(),
+        "0" * 32,
+        dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=seq),
+    )
 
 
 async def test_same_session_and_seq_twice_leaves_one_row(statements: Statements, run_id: str) -> None:
@@ -25,7 +33,8 @@ async def test_same_session_and_seq_twice_leaves_one_row(statements: Statements,
     await log.append([_event("t1", run_id, 0), _event("t1", run_id, 1)])
     await log.append([_event("t1", run_id, 1), _event("t1", run_id, 1)])  # a replayed record
     rows = await statements.run(
-        "SELECT seq FROM {ks}.session_events WHERE tenant_id = ? AND session_id = ? AND bucket = 0", ("t1", run_id)
+        "SELECT seq FROM {ks}.session_events WHERE tenant_id = ? AND session_id = ? AND bucket = 0",
+        ("t1", run_id),
     )
     assert [r["seq"] for r in rows] == [0, 1]
 
@@ -58,11 +67,21 @@ def test_migrations_are_recorded_and_reapplying_is_a_no_op(
     assert sorted(versions) == [m.version for m in load_migrations()]
     again = apply_migrations(cassandra_session, cassandra_settings)
     assert all(line.startswith("ok ") for line in again)
-    tables = {r["table_name"] for r in cassandra_session.execute(
-        "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s",
-        (cassandra_settings.cassandra_keyspace,))}
-    assert {"session_events", "session_snapshots", "tool_results", "artifacts", "sessions",
-            "schema_migrations"} <= tables
+    tables = {
+        r["table_name"]
+        for r in cassandra_session.execute(
+            "SELECT table_name FROM system_schema.tables WHERE keyspace_name = %s",
+            (cassandra_settings.cassandra_keyspace,),
+        )
+    }
+    assert {
+        "session_events",
+        "session_snapshots",
+        "tool_results",
+        "artifacts",
+        "sessions",
+        "schema_migrations",
+    } <= tables
 
 
 def test_an_edited_applied_migration_is_refused(
@@ -79,7 +98,9 @@ def test_a_new_migration_is_applied_once(
 ) -> None:
     for m in load_migrations():
         (tmp_path / f"V{m.version:03d}__{m.name}.cql").write_text(
-            (Path(__file__).parents[2] / "infra/cassandra/migrations" / f"V{m.version:03d}__{m.name}.cql").read_text()
+            (
+                Path(__file__).parents[2] / "infra/cassandra/migrations" / f"V{m.version:03d}__{m.name}.cql"
+            ).read_text()
         )
     (tmp_path / "V900__test_table.cql").write_text(
         "-- a later migration\nCREATE TABLE IF NOT EXISTS test_later (id int PRIMARY KEY, v text);\n"

@@ -15,9 +15,9 @@ from shared.settings import KafkaSettings
 from shared.topics import DAY_MS, TOPICS, ensure_topics
 
 
-async def _drain(consumer: AIOKafkaConsumer, want: int, timeout: float = 15.0) -> list[bytes]:
+async def _drain(consumer: AIOKafkaConsumer, want: int, within_s: float = 15.0) -> list[bytes]:
     values: list[bytes] = []
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within_s
     while len(values) < want and asyncio.get_running_loop().time() < deadline:
         batches = await consumer.getmany(timeout_ms=300)
         for records in batches.values():
@@ -85,8 +85,11 @@ async def test_transaction_commits_output_and_offsets_and_hides_aborted(topics: 
                 got.extend((tp, r.offset, r.value) for r in records)
         tp = got[0][0]
         # Record 0 and 1: a committed transaction; record 2: an aborted one.
-        await txns.commit(tp, [OutRecord(out, b"decided-0", key=b"session-a"),
-                               OutRecord(out, b"decided-1", key=b"session-a")], {tp: got[1][1] + 1})
+        await txns.commit(
+            tp,
+            [OutRecord(out, b"decided-0", key=b"session-a"), OutRecord(out, b"decided-1", key=b"session-a")],
+            {tp: got[1][1] + 1},
+        )
         producer = await txns.producer(tp)
         await producer.begin_transaction()
         await producer.send_and_wait(out, b"aborted-2", key=b"session-a")
@@ -101,7 +104,7 @@ async def test_transaction_commits_output_and_offsets_and_hides_aborted(topics: 
     reader = make_consumer(s, group_id=None, client_id="test-reader", topics=[out])
     await reader.start()
     try:
-        values = await _drain(reader, 3, timeout=5.0)
+        values = await _drain(reader, 3, within_s=5.0)
     finally:
         await reader.stop()
     assert values == [b"decided-0", b"decided-1"]
@@ -127,7 +130,7 @@ async def test_new_owner_of_a_partition_fences_the_old_one(topics: KafkaSettings
     reader = make_consumer(s, group_id=None, client_id="fence-reader", topics=[out])
     await reader.start()
     try:
-        values = await _drain(reader, 3, timeout=5.0)
+        values = await _drain(reader, 3, within_s=5.0)
     finally:
         await reader.stop()
     assert sorted(values) == [b"from-new", b"from-old-before"]
