@@ -68,3 +68,17 @@ def test_bad_values_name_the_variable(env: str, value: str) -> None:
 def test_topic_names_carry_the_prefix() -> None:
     s = IngressSettings.from_env({"AGENTBUS_TOPIC_PREFIX": "acme"})
     assert s.topic("reasoning.inbox") == "acme.reasoning.inbox"
+
+
+def test_readme_configuration_table_lists_every_variable() -> None:
+    from pathlib import Path
+
+    from infra.local.stack import StackSettings
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    classes: list[type] = [*SERVICE_SETTINGS, StackSettings]
+    missing = sorted(
+        {f.metadata["env"] for cls in classes for f in dataclasses.fields(cls)}
+        - {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `AGENTBUS_")}
+    )
+    assert not missing, f"README's configuration table lacks {missing}"
