@@ -15,10 +15,11 @@ import asyncio
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.errors import InvalidPartitionsError, TopicAlreadyExistsError, for_code
 
 from shared.settings import KafkaSettings
 
@@ -89,14 +90,18 @@ async def ensure_topics(settings: KafkaSettings, specs: Sequence[TopicSpec] = TO
                 else:
                     report.append(f"created {topic}")
         if present:
-            described = await admin.describe_topics(present)
+            described = await _describe_settled(admin, present)
             for topic in described:
                 name = topic["topic"]
                 have = len(topic["partitions"])
                 want = wanted[name].partitions or settings.topic_partitions
                 if have < want:
-                    await admin.create_partitions({name: NewPartitions(want)})
-                    report.append(f"grew {name} from {have} to {want} partitions")
+                    try:
+                        await admin.create_partitions({name: NewPartitions(want)})
+                        report.append(f"grew {name} from {have} to {want} partitions")
+                    except InvalidPartitionsError as exc:
+                        # Our metadata lagged: the controller already has at least that many.
+                        report.append(f"kept {name}: {exc}")
                 elif have > want:
                     report.append(f"kept {name} at {have} partitions (asked for {want}; Kafka cannot shrink)")
                 else:
@@ -110,6 +115,17 @@ async def ensure_topics(settings: KafkaSettings, specs: Sequence[TopicSpec] = TO
     finally:
         await admin.close()
     return report
+
+
+async def _describe_settled(admin: AIOKafkaAdminClient, names: list[str]) -> list[dict[str, Any]]:
+    """Describe topics, retrying briefly while the broker's metadata still lags the controller."""
+    described: list[dict[str, Any]] = []
+    for _ in range(50):
+        described = await admin.describe_topics(names)
+        if all(t["error_code"] == 0 and t["partitions"] for t in described):
+            break
+        await asyncio.sleep(0.1)
+    return described
 
 
 async def describe_topics(settings: KafkaSettings) -> list[str]:

@@ -50,6 +50,17 @@ async def test_topic_partitions_grow_but_never_shrink(kafka_settings: KafkaSetti
     grown = KafkaSettings.from_env(topic_prefix=kafka_settings.topic_prefix, topic_partitions=5)
     report = await ensure_topics(grown, TOPICS)
     assert f"grew {grown.topic('events')} from 3 to 5 partitions" in report
+    # The broker's metadata cache follows the controller shortly after; wait for it.
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        for _ in range(100):
+            (events,) = await admin.describe_topics([grown.topic("events")])
+            if len(events["partitions"]) == 5:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await admin.close()
     shrunk = await ensure_topics(kafka_settings, TOPICS)
     assert any(line.startswith(f"kept {grown.topic('events')} at 5") for line in shrunk)
 
