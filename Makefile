@@ -4,9 +4,14 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK := $(PY) -m infra.local.stack
+SERVICES := $(PY) -m infra.local.services
+REPLICAS ?= 2
+DEMO_TENANT ?= demo
+DEMO_SECRET ?= demo-local-secret
+DEMO_TENANTS := $(CURDIR)/.local/demo-tenants.json
 PYTEST_ARGS ?=
 
-.PHONY: help setup up down status logs bootstrap lint test test-unit demo clean
+.PHONY: help setup up down status logs bootstrap lint test test-unit demo demo-tenants services-up services-down clean
 
 help:
 	@echo "make setup    install the Python environment, Redis, and the Kafka/Cassandra jars"
@@ -16,7 +21,9 @@ help:
 	@echo "make logs     the last lines of every server's log (SERVER=kafka for one)"
 	@echo "make lint     ruff and mypy (strict on shared/ and services/)"
 	@echo "make test     setup, up, lint, then the whole test suite against the real servers"
-	@echo "make demo     (coming with the agent loop)"
+	@echo "make demo     up, 2 replicas of every service, a scripted conversation, services down"
+	@echo "make services-up    REPLICAS (default 2) of each service as local processes (after make up)"
+	@echo "make services-down  stop exactly the service replicas services-up started"
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,7 +60,7 @@ logs:
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check shared services tests infra/local
+	$(VENV)/bin/ruff format --check shared services tests infra/local agentctl scripts
 	$(VENV)/bin/mypy
 
 test-unit: setup
@@ -62,9 +69,24 @@ test-unit: setup
 test: up lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-demo: up
-	@echo "make demo: the scripted agent conversation comes with the agent-loop issue (#3)."
-	@echo "The servers are up; 'make status' shows them, 'make down' stops them."
+# The demo tenant's secret goes to ingress (a secrets file) and to the demo client. The
+# services are always stopped afterwards (trap); the servers stay up: `make down` stops them.
+demo-tenants:
+	@mkdir -p $(dir $(DEMO_TENANTS))
+	@umask 077 && printf '{"%s": "%s"}\n' '$(DEMO_TENANT)' '$(DEMO_SECRET)' > $(DEMO_TENANTS)
+
+demo: up demo-tenants
+	@export AGENTBUS_TENANT_SECRETS_FILE='$(DEMO_TENANTS)' AGENTBUS_TENANT='$(DEMO_TENANT)' \
+	        AGENTBUS_TENANT_SECRET='$(DEMO_SECRET)'; \
+	trap '$(SERVICES) down; echo "The servers are still up: make status shows them, make down stops them."' EXIT; \
+	$(SERVICES) up --replicas $(REPLICAS) && $(PY) scripts/demo.py
+
+services-up: up demo-tenants
+	AGENTBUS_TENANT_SECRETS_FILE="$${AGENTBUS_TENANT_SECRETS_FILE:-$(DEMO_TENANTS)}" \
+	  $(SERVICES) up --replicas $(REPLICAS)
+
+services-down:
+	@test -x $(PY) && $(SERVICES) down || echo "nothing to stop (no environment)"
 
 clean: down
 	rm -rf .local

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -216,7 +216,10 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._open(tp)
 
     async def commit(
-        self, tp: TopicPartition, records: Sequence[OutRecord], next_offsets: Mapping[TopicPartition, int]
+        self,
+        tp: TopicPartition,
+        records: Sequence[OutRecord],
+        next_offsets: Mapping[TopicPartition, int] | Callable[[], Mapping[TopicPartition, int]],
     ) -> None:
         """Publish ``records`` and commit ``next_offsets`` for this group in one transaction.
 
@@ -237,7 +240,10 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
                                 r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
                             )
                         )
-                    await producer.send_offsets_to_transaction(dict(next_offsets), self._group_id)
+                    # A callable is evaluated under the partition's lock, so concurrent sessions of
+                    # one partition commit a watermark that never moves backwards.
+                    offsets = next_offsets() if callable(next_offsets) else next_offsets
+                    await producer.send_offsets_to_transaction(dict(offsets), self._group_id)
                     if sends:
                         await asyncio.gather(*sends)
             except ProducerFenced:
@@ -265,3 +271,32 @@ def _retrieve(futures: Sequence[asyncio.Future[object]]) -> None:
                 future.exception()
         else:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+class OffsetWatermark:
+    """Offsets of one partition handed out but not finished, and the offset safe to commit.
+
+    Records of a partition may finish out of order (sessions run concurrently); the
+    group may only commit up to the oldest unfinished one, or a crash would lose it.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: set[int] = set()
+        self._next: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+    def add(self, offset: int) -> None:
+        self._inflight.add(offset)
+        self._next = offset + 1 if self._next is None else max(self._next, offset + 1)
+
+    def commit_point(self, finishing: int | None = None) -> int:
+        """The offset to commit once ``finishing`` is done: the oldest other unfinished one, or the next."""
+        low = min((o for o in self._inflight if o != finishing), default=self._next)
+        if low is None:
+            raise ValueError("no offset was ever added")
+        return low
+
+    def done(self, offset: int) -> None:
+        self._inflight.discard(offset)

@@ -17,6 +17,9 @@ class ReasoningSettings(ServiceSettings, KafkaSettings, CassandraSettings, Redis
     service_name: str = setting("AGENTBUS_SERVICE_NAME", "reasoning", "Name in logs, traces and client ids")
     http_port: int = setting("AGENTBUS_HTTP_PORT", 8082, "Port of /healthz, /readyz and /metrics")
     group_id: str = setting("AGENTBUS_REASONING_GROUP", "agentbus-reasoning", "Consumer group of the inbox")
+    checkpoint_group: str = setting(
+        "AGENTBUS_CHECKPOINT_GROUP", "agentbus-checkpoint", "Checkpoint's group: where the head scan starts"
+    )
     max_steps_per_turn: int = setting("AGENTBUS_MAX_STEPS_PER_TURN", 8, "Model decisions allowed in one turn")
     turn_deadline_s: float = setting(
         "AGENTBUS_TURN_DEADLINE_S", 120.0, "A turn older than this ends in error"
@@ -27,6 +30,10 @@ class ReasoningSettings(ServiceSettings, KafkaSettings, CassandraSettings, Redis
         "AGENTBUS_MAX_INFLIGHT_MODEL_CALLS", 64, "Above this the consumer pauses its partitions"
     )
     context_max_events: int = setting("AGENTBUS_CONTEXT_MAX_EVENTS", 60, "Summarise past this many events")
+    tool_call_timeout_s: float = setting(
+        "AGENTBUS_TOOL_CALL_TIMEOUT_S", 30.0, "timeout_ms given to each ToolCall (tool-exec enforces it)"
+    )
+    model_attempts: int = setting("AGENTBUS_MODEL_ATTEMPTS", 4, "Tries of a model call on transient errors")
     rebuild_wait_s: float = setting(
         "AGENTBUS_REBUILD_WAIT_S", 10.0, "Longest wait for the checkpoint to catch up on a cold rebuild"
     )

@@ -1,0 +1,1 @@
+"""agentctl: the operator's and client's command line for agentbus (send, history, sessions, tail)."""

@@ -1,0 +1,310 @@
+"""The checkpoint service: projects ``agentbus.events`` into Cassandra, then commits.
+
+One loop: poll a batch, write it (event log, session index, snapshots), dead-letter
+what does not decode, and only then commit the batch's offsets. A failed write is
+never skipped: the consumer seeks back to the batch's first offsets and the same
+records come again after a backoff; every write is idempotent, so that is harmless.
+
+Why not faust-streaming: faust acks a record when its agent moves to the next one
+and commits acked offsets on a timer (``broker_commit_every``/``_interval``), so "commit
+exactly this batch, only after Cassandra said yes, else re-read it" means fighting its
+ack model; its tables (RocksDB + changelog topics) are local state we must not keep
+(DESIGN rule 4); and its worker brings its own lifecycle and web server next to
+``run_service``. A plain aiokafka consumer states the at-least-once contract in 20 lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.checkpoint.handlers import (
+    SERVICE,
+    InRecord,
+    Rejected,
+    SessionProgress,
+    SnapshotGapError,
+    advance_session,
+    decode_batch,
+    session_progress,
+    snapshot_points,
+    write_snapshots,
+)
+from services.checkpoint.settings import CheckpointSettings
+from shared.avro import AvroCodec, default_codec
+from shared.cassandra import Statements, connect
+from shared.eventlog import EventLog
+from shared.kafka import make_consumer, make_producer
+from shared.service import Probes, client_id, dead_letter
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+LAG = Gauge(
+    "agentbus_checkpoint_lag_records",
+    "Records of agentbus.events not yet checkpointed (end offset - position), per assigned partition",
+    ["partition"],
+)
+EVENTS_WRITTEN = Counter("agentbus_checkpoint_events_written_total", "Events written to the Cassandra log")
+SNAPSHOTS_WRITTEN = Counter("agentbus_checkpoint_snapshots_written_total", "Session snapshots written")
+SNAPSHOTS_SKIPPED = Counter(
+    "agentbus_checkpoint_snapshots_skipped_total", "Snapshots not written because the stored log has a gap"
+)
+BATCH_SECONDS = Histogram(
+    "agentbus_checkpoint_batch_seconds",
+    "Time to write one batch to Cassandra and commit it",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+BATCH_FAILURES = Counter(
+    "agentbus_checkpoint_batch_failures_total", "Batches that failed and will be re-read", ["stage"]
+)
+
+BACKOFF_START_S = 0.2
+BACKOFF_MAX_S = 10.0
+
+
+class _Membership(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Knows whether the consumer has joined its group (an empty assignment is still joined)."""
+
+    def __init__(self) -> None:
+        self.joined = False
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        for tp in revoked:
+            with contextlib.suppress(KeyError):
+                LAG.remove(str(tp.partition))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.joined = True
+
+
+class BatchFailedError(Exception):
+    """A batch could not be written or committed; it will be read again."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
+        self.stage = stage
+
+
+class Checkpointer:
+    """Writes one polled batch to Cassandra and the DLQ, then commits its offsets."""
+
+    def __init__(
+        self,
+        settings: CheckpointSettings,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        statements: Statements,
+        codec: AvroCodec,
+    ) -> None:
+        self._settings = settings
+        self._consumer = consumer
+        self._producer = producer
+        self._statements = statements
+        self._eventlog = EventLog(statements)
+        self._codec = codec
+
+    async def checkpoint(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Project ``batch`` and commit it.
+
+        Raises:
+            BatchFailedError: a write or the commit failed; nothing of the batch is committed.
+        """
+        records = [_in_record(r) for rs in batch.values() for r in rs]
+        decoded = decode_batch(self._codec, records)
+        now = dt.datetime.now(dt.UTC)
+        try:
+            if decoded.events:
+                await self._eventlog.append(decoded.events)
+        except Exception as exc:  # any driver error: retry the batch, never skip it
+            raise BatchFailedError("events", exc) from exc
+        EVENTS_WRITTEN.inc(len(decoded.events))
+        progress = session_progress(decoded.events).values()
+        # Sessions are independent: their index rows and snapshots are written concurrently.
+        indexed = await asyncio.gather(
+            *(advance_session(self._statements, p, now) for p in progress), return_exceptions=True
+        )
+        _raise_first("sessions", indexed)
+        snapshots = await asyncio.gather(*(self._snapshot(p, now) for p in progress), return_exceptions=True)
+        SNAPSHOTS_WRITTEN.inc(sum(_raise_first("snapshots", snapshots)))
+        # Dead letters after the Cassandra writes, so a Cassandra retry does not repeat them.
+        try:
+            await self._dead_letter(decoded.rejected)
+        except KafkaError as exc:
+            raise BatchFailedError("dlq", exc) from exc
+        offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError, KafkaError) as exc:
+            # E.g. the group rebalanced: whoever owns the partitions now re-reads from the last commit.
+            raise BatchFailedError("commit", exc) from exc
+
+    async def _snapshot(self, p: SessionProgress, now: dt.datetime) -> int:
+        points = snapshot_points(p.first_seq, p.last_seq, self._settings.snapshot_every)
+        try:
+            return await write_snapshots(
+                self._statements, self._eventlog, self._codec, p.tenant_id, p.session_id, points, now
+            )
+        except SnapshotGapError as exc:
+            # Retrying cannot fill a gap in the log; the next snapshot point folds past it.
+            SNAPSHOTS_SKIPPED.inc()
+            log.error("snapshot skipped: %s", exc)
+            return 0
+
+    async def _dead_letter(self, rejected: Sequence[Rejected]) -> None:
+        sends = []
+        dlq = self._settings.topic("dlq")
+        for r in rejected:
+            rec = r.record
+            log.warning("dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, r.reason_code)
+            value = dead_letter(
+                self._codec,
+                service=SERVICE,
+                topic=rec.topic,
+                partition=rec.partition,
+                offset=rec.offset,
+                key=rec.key,
+                value=rec.value,
+                headers=rec.headers,
+                reason_code=r.reason_code,
+                reason=r.reason,
+                error_type=r.error_type,
+            )
+            sends.append(await self._producer.send(dlq, value, key=rec.key))
+        if sends:
+            await asyncio.gather(*sends)
+
+    def rewind(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        """Seek every still-assigned partition of ``batch`` back to its first record."""
+        assigned = self._consumer.assignment()
+        for tp, rs in batch.items():
+            if rs and tp in assigned:
+                self._consumer.seek(tp, rs[0].offset)
+
+    async def update_lag(self) -> None:
+        """Set the lag gauge of every assigned partition whose end offset is known."""
+        for tp in self._consumer.assignment():
+            end = self._consumer.last_stable_offset(tp)
+            if end is None or end < 0:  # read_committed reads up to the LSO; older brokers lack it
+                end = self._consumer.highwater(tp)
+            if end is None:
+                continue  # nothing fetched yet
+            try:
+                async with asyncio.timeout(1.0):
+                    position = await self._consumer.position(tp)
+            except (TimeoutError, IllegalStateError):
+                continue  # being reset or revoked right now; next loop
+            LAG.labels(str(tp.partition)).set(max(0, end - position))
+
+
+def _raise_first(stage: str, results: Sequence[T | BaseException]) -> list[T]:
+    """The results of a ``gather(..., return_exceptions=True)``, or its first failure as a batch failure."""
+    out: list[T] = []
+    for result in results:
+        if isinstance(result, Exception):
+            raise BatchFailedError(stage, result) from result
+        if isinstance(result, BaseException):
+            raise result  # cancellation: not a failure of the batch
+        out.append(result)
+    return out
+
+
+def _in_record(r: ConsumerRecord) -> InRecord:
+    return InRecord(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()))
+
+
+async def run_checkpoint(settings: CheckpointSettings, stop: asyncio.Event, probes: Probes) -> None:
+    """Consume ``events`` and checkpoint them until ``stop`` is set; then commit and leave the group."""
+    codec = default_codec()
+    cluster, session = await asyncio.to_thread(connect, settings)
+    statements = Statements(session, settings.cassandra_keyspace)
+    cid = client_id(settings)
+    consumer = make_consumer(settings, group_id=settings.group_id, client_id=cid)
+    producer = make_producer(settings, client_id=f"{cid}-dlq")
+    membership = _Membership()
+    consumer.subscribe([settings.topic("events")], listener=membership)
+
+    async def kafka_ready() -> bool:
+        return membership.joined or bool(consumer.assignment())
+
+    async def cassandra_ready() -> bool:
+        return bool(await statements.run("SELECT now() FROM system.local"))
+
+    probes.add("kafka", kafka_ready)
+    probes.add("cassandra", cassandra_ready)
+    try:
+        await producer.start()
+        await consumer.start()
+        probes.started = True
+        checkpointer = Checkpointer(settings, consumer, producer, statements, codec)
+        await _loop(settings, consumer, checkpointer, stop)
+    finally:
+        probes.started = False
+        for tp in consumer.assignment():
+            with contextlib.suppress(KeyError):
+                LAG.remove(str(tp.partition))
+        with contextlib.suppress(Exception):
+            await consumer.stop()  # leaves the group: its partitions move at once
+        with contextlib.suppress(Exception):
+            await producer.stop()
+        await asyncio.to_thread(cluster.shutdown)
+
+
+async def _loop(
+    settings: CheckpointSettings, consumer: AIOKafkaConsumer, checkpointer: Checkpointer, stop: asyncio.Event
+) -> None:
+    backoff = BACKOFF_START_S
+    while not stop.is_set():
+        batch = await consumer.getmany(
+            timeout_ms=settings.batch_linger_ms, max_records=settings.batch_max_events
+        )
+        batch = {tp: rs for tp, rs in batch.items() if rs}
+        if batch:
+            started = time.perf_counter()
+            try:
+                await checkpointer.checkpoint(batch)
+            except BatchFailedError as exc:
+                BATCH_FAILURES.labels(exc.stage).inc()
+                log.warning("batch of %d records failed (%s); retrying in %.1fs", _size(batch), exc, backoff)
+                checkpointer.rewind(batch)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            backoff = BACKOFF_START_S
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+        await checkpointer.update_lag()
+
+
+def _size(batch: dict[TopicPartition, list[ConsumerRecord]]) -> int:
+    return sum(len(rs) for rs in batch.values())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m services.checkpoint``; ``--help`` lists every setting."""
+    import sys
+
+    from shared.service import configure_logging, run_service
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        sys.stdout.write("agentbus checkpoint: agentbus.events -> Cassandra. Settings (environment):\n")
+        sys.stdout.write(CheckpointSettings.describe() + "\n")
+        return 0
+    if args:
+        sys.stderr.write(f"unknown arguments {args}; settings come from the environment (see --help)\n")
+        return 2
+    settings = CheckpointSettings.from_env()
+    configure_logging(settings)
+    return asyncio.run(run_service(settings, lambda stop, probes: run_checkpoint(settings, stop, probes)))

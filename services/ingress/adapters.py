@@ -1,0 +1,105 @@
+"""Redis and Cassandra behind the protocols of ``handlers.py``.
+
+Redis is a cache (DESIGN.md): the owner cache may be lost at any time and Cassandra's
+``session_owners`` is asked again; idempotency keys and token buckets live only in
+Redis, and losing them costs a duplicate TurnRequested (reasoning drops it, the
+message is already in the session's log) or a moment without a rate limit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+
+import redis.asyncio as aioredis
+
+from shared.cassandra import Statements
+
+from .handlers import bucket_key, owner_key
+
+CLAIM_SESSION = (
+    "INSERT INTO {ks}.session_owners (session_id, tenant_id, created_at) VALUES (?, ?, ?) IF NOT EXISTS"
+)
+
+# KEYS[1] = bucket hash (tokens, ts in ms); ARGV = rate per second, burst. Redis's own clock, so
+# replicas with skewed clocks share one bucket fairly. Returns 1 when a token was taken.
+_TOKEN_BUCKET = """
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1])
+local ts = tonumber(state[2])
+if tokens == nil or ts == nil then
+  tokens = burst
+  ts = now
+end
+if now > ts then
+  tokens = math.min(burst, tokens + (now - ts) * rate / 1000.0)
+  ts = now
+end
+local allowed = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  allowed = 1
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000.0 / rate) + 1000)
+return allowed
+"""
+
+
+class SessionOwnership:
+    """``session_owners`` in Cassandra (the truth, claimed by LWT) with a Redis cache of the owner."""
+
+    def __init__(self, redis: aioredis.Redis, statements: Statements, *, cache_ttl_s: int) -> None:
+        self._redis = redis
+        self._statements = statements
+        self._ttl_s = cache_ttl_s
+
+    def prepare(self) -> None:
+        """Prepare the claim statement (blocking: call it from a thread at start-up)."""
+        self._statements.get(CLAIM_SESSION)
+
+    async def claim(self, tenant_id: str, session_id: str) -> str:
+        cached = await self._redis.get(owner_key(session_id))
+        if cached is not None:
+            return cached.decode() if isinstance(cached, bytes) else str(cached)
+        (row,) = await self._statements.run(CLAIM_SESSION, [session_id, tenant_id, dt.datetime.now(dt.UTC)])
+        # Not applied: the row already there comes back, with the tenant that owns it. A claim
+        # retried after an ambiguous timeout finds its own row, so retrying is safe.
+        owner = tenant_id if row["[applied]"] else str(row["tenant_id"])
+        # An owner never changes, so caching the answer (ours or another's) is always right.
+        await self._redis.set(owner_key(session_id), owner, ex=self._ttl_s)
+        return owner
+
+
+class RedisSeenMessages:
+    """``idem:*`` keys: set only after the transaction that forwarded the message committed."""
+
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: int) -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+
+    async def seen(self, key: str) -> bool:
+        return bool(await self._redis.exists(key))
+
+    async def remember(self, keys: Iterable[str]) -> None:
+        """Mark ``keys`` forwarded (SET NX EX); call only once their transaction committed."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(key, b"1", nx=True, ex=self._ttl_s)
+            await pipe.execute()
+
+
+class RedisTokenBucket:
+    """One token bucket per tenant in ``bucket:tenant:{tenant}``, shared by every replica."""
+
+    def __init__(self, redis: aioredis.Redis, *, rate_per_s: float, burst: int) -> None:
+        self._script = redis.register_script(_TOKEN_BUCKET)
+        self._rate = rate_per_s
+        self._burst = burst
+
+    async def allow(self, tenant_id: str) -> bool:
+        return bool(int(await self._script(keys=[bucket_key(tenant_id)], args=[self._rate, self._burst])))

@@ -1,0 +1,586 @@
+"""The reasoning service: the brains, the only sequencer of a session.
+
+Records of ``agentbus.reasoning.inbox`` arrive per partition. Inside a partition,
+records of one session run one at a time, in order; different sessions run
+concurrently, so a replica serves other sessions while one waits on Triton, and
+no session ever waits on a tool (tool results come back as inbox records).
+
+Each processed record is published in ONE Kafka transaction of its input
+partition's producer: the SessionEvents (to the same partition number of
+``agentbus.events``), the ToolCalls, the AgentResponses, and the group offset.
+The offset committed is the partition's watermark (the oldest unfinished record),
+so a crash redelivers every unfinished record; duplicates are recognised from the
+session's state (a turn already seen, a tool result no longer pending).
+
+Where a session's state comes from (DESIGN.md "Sources of truth"): Redis hot
+context when it holds the session's head ``seq``, else a rebuild from Cassandra
+(latest snapshot + later events), waiting with bounded backoff until the
+checkpoint has caught up to the head. The head is known because reasoning writes
+each session's events to the events partition with the same number as its inbox
+partition: on assignment the new owner reads that events partition from the
+checkpoint group's committed offset to its end. That scan, plus each commit made
+since, is the only in-memory state, and it is rebuilt from Kafka on assignment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.reasoning.settings import ReasoningSettings
+from services.reasoning.turns import ModelUnavailableError, Outputs, TurnEngine, tool_specs_from
+from services.tool_exec.registry import ToolRegistry
+from shared.avro import AvroCodec, CodecError, default_codec
+from shared.cassandra import Statements, connect
+from shared.context import SessionState, fold
+from shared.eventlog import EventLog
+from shared.kafka import (
+    OffsetWatermark,
+    OutRecord,
+    PartitionNotOwnedError,
+    PartitionTransactions,
+    TransactionAbortedError,
+    make_consumer,
+)
+from shared.ratelimit import TokenBucket
+from shared.redis import HotContextStore, make_redis
+from shared.service import Probes, client_id, configure_logging, dead_letter, run_service, session_key
+from shared.triton import ModelCallError, TritonModel, make_triton_client
+
+log = logging.getLogger("agentbus.reasoning")
+
+INBOX_RECORDS = ("TurnRequested", "ToolResult", "CancelRequested")
+
+RECORDS = Counter("agentbus_reasoning_records_total", "Inbox records handled", ["outcome"])
+STEPS = Counter("agentbus_reasoning_model_steps_total", "Model decisions taken")
+MODEL_LATENCY = Histogram(
+    "agentbus_model_call_seconds",
+    "Latency of one model call",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+ORCHESTRATION = Histogram(
+    "agentbus_reasoning_step_overhead_seconds",
+    "Time to handle one inbox record, excluding the model call",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+)
+SESSIONS_IN_FLIGHT = Gauge("agentbus_reasoning_sessions_in_flight", "Sessions with records being handled")
+BUFFERED = Gauge("agentbus_reasoning_buffered_records", "Fetched records not yet committed")
+MODEL_INFLIGHT = Gauge("agentbus_reasoning_model_calls_in_flight", "Model calls in flight")
+BUCKET_WAIT = Counter(
+    "agentbus_model_bucket_wait_seconds_total", "Time spent waiting for the model token bucket"
+)
+PAUSED = Gauge("agentbus_reasoning_paused", "1 while the consumer is paused for backpressure")
+REBUILDS = Counter("agentbus_reasoning_context_loads_total", "Session context loads", ["source"])
+
+
+class RebuildPendingError(RuntimeError):
+    """Cassandra has not caught up with the session's head yet; retry later."""
+
+
+class RedisDecisionCache:
+    """``decision:{tenant/session}:{seq}`` -> the model's raw output, kept a day."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    @staticmethod
+    def _key(tenant_id: str, session_id: str, seq: int) -> str:
+        return f"decision:{{{tenant_id}/{session_id}}}:{seq}"
+
+    async def get(self, tenant_id: str, session_id: str, seq: int) -> str | None:
+        try:
+            value = await self._client.get(self._key(tenant_id, session_id, seq))
+        except Exception:  # noqa: BLE001 - a cache miss is always safe
+            return None
+        return value.decode() if isinstance(value, bytes) else value
+
+    async def put(self, tenant_id: str, session_id: str, seq: int, output: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._client.set(self._key(tenant_id, session_id, seq), output.encode(), ex=86400)
+
+
+@dataclass
+class Deps:
+    settings: ReasoningSettings
+    codec: AvroCodec
+    txns: PartitionTransactions
+    engine: TurnEngine
+    hot: HotContextStore
+    eventlog: EventLog
+    statements: Statements
+    service: str
+
+
+class PartitionWorker:
+    """The sessions of one inbox partition: per-session order, cross-session concurrency."""
+
+    def __init__(self, deps: Deps, tp: TopicPartition) -> None:
+        self.deps = deps
+        self.tp = tp
+        self.heads: dict[tuple[str, str], int] = {}
+        self.offsets = OffsetWatermark()
+        self.queues: dict[bytes, deque[ConsumerRecord]] = {}
+        self.tasks: dict[bytes, asyncio.Task[None]] = {}
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self.offsets)
+
+    def submit(self, record: ConsumerRecord) -> None:
+        if self.closed:
+            return
+        self.offsets.add(record.offset)
+        key = record.key or b""
+        self.queues.setdefault(key, deque()).append(record)
+        if key not in self.tasks:
+            self.tasks[key] = asyncio.create_task(self._run_session(key))
+            SESSIONS_IN_FLIGHT.inc()
+
+    async def close(self) -> None:
+        self.closed = True
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def drain(self) -> None:
+        """Wait for every queued record to finish (graceful stop)."""
+        while self.tasks:
+            await asyncio.gather(*list(self.tasks.values()), return_exceptions=True)
+
+    async def _run_session(self, key: bytes) -> None:
+        try:
+            await asyncio.shield(self.ready)
+            queue = self.queues[key]
+            while queue:
+                record = queue[0]
+                await self._process(record)
+                queue.popleft()
+        except (ProducerFenced, PartitionNotOwnedError):
+            log.warning("%s: partition lost while processing; its records go to the new owner", self.tp)
+        finally:
+            self.queues.pop(key, None)
+            self.tasks.pop(key, None)
+            SESSIONS_IN_FLIGHT.dec()
+
+    async def _process(self, record: ConsumerRecord) -> None:
+        attempts = 0
+        backoff = 0.1
+        while True:
+            try:
+                await self._process_once(record)
+                return
+            except (ProducerFenced, PartitionNotOwnedError):
+                raise
+            except (
+                ModelUnavailableError,
+                RebuildPendingError,
+                TransactionAbortedError,
+                KafkaError,
+                TimeoutError,
+                ConnectionError,
+            ) as exc:
+                # Transient: nothing was published; try the same record again.
+                log.warning(
+                    "%s@%d: transient failure (%s: %s); retrying",
+                    self.tp,
+                    record.offset,
+                    type(exc).__name__,
+                    exc,
+                )
+                RECORDS.labels("retried").inc()
+            except Exception as exc:
+                attempts += 1
+                log.exception("%s@%d: handler failed (attempt %d)", self.tp, record.offset, attempts)
+                if attempts >= 3 or _is_cassandra_permanent(exc):
+                    await self._dead_letter(
+                        record, "handler_error", f"{type(exc).__name__}: {exc}", type(exc).__name__
+                    )
+                    return
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, 5.0)
+
+    async def _dead_letter(
+        self, record: ConsumerRecord, code: str, reason: str, error_type: str | None
+    ) -> None:
+        deps = self.deps
+        dlq = dead_letter(
+            deps.codec,
+            service=deps.service,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value,
+            headers=list(record.headers or ()),
+            reason_code=code,
+            reason=reason,
+            error_type=error_type,
+        )
+        records = [OutRecord(deps.settings.topic("dlq"), dlq, key=record.key)]
+        await deps.txns.commit(self.tp, records, lambda: self._finish_offsets(record.offset))
+        self._done(record.offset)
+        RECORDS.labels(f"dlq_{code}").inc()
+
+    def _finish_offsets(self, offset: int) -> dict[TopicPartition, int]:
+        return {self.tp: self.offsets.commit_point(offset)}
+
+    def _done(self, offset: int) -> None:
+        self.offsets.done(offset)
+
+    async def _process_once(self, record: ConsumerRecord) -> None:
+        deps = self.deps
+        started = time.perf_counter()
+        try:
+            decoded = deps.codec.decode(record.value, expected=INBOX_RECORDS)
+        except CodecError as exc:
+            await self._dead_letter(record, exc.reason_code, str(exc), type(exc).__name__)
+            return
+        datum = decoded.datum
+        tenant, session = datum["tenant_id"], datum["session_id"]
+        if record.key != session_key(tenant, session):
+            await self._dead_letter(
+                record, "key_mismatch", "record key does not name the record's session", None
+            )
+            return
+        state = await self.load_state(tenant, session)
+        model_time = 0.0
+        engine = deps.engine
+        t_model = time.perf_counter()
+        outputs = await engine.handle(state, decoded.name, datum)
+        model_time = time.perf_counter() - t_model if outputs.model_calls else 0.0
+        await deps.txns.commit(
+            self.tp,
+            self._records(record, tenant, session, outputs),
+            lambda: self._finish_offsets(record.offset),
+        )
+        self._done(record.offset)
+        if outputs.events:
+            self.heads[(tenant, session)] = state.seq
+            try:
+                await deps.hot.put_if_newer(tenant, session, state.seq, state.to_json())
+            except Exception as exc:  # noqa: BLE001 - Redis is a cache; the next load rebuilds
+                log.warning("hot context write for %s/%s failed: %s", tenant, session, exc)
+        STEPS.inc(outputs.model_calls)
+        RECORDS.labels(outputs.dropped or "handled").inc()
+        log.debug(
+            "%s@%d %s -> %s", self.tp, record.offset, decoded.name, outputs.dropped or len(outputs.events)
+        )
+        ORCHESTRATION.observe(max(0.0, time.perf_counter() - started - model_time))
+
+    def _records(
+        self, record: ConsumerRecord, tenant: str, session: str, outputs: Outputs
+    ) -> list[OutRecord]:
+        s = self.deps.settings
+        key = session_key(tenant, session)
+        headers = [(k, v) for k, v in (record.headers or ()) if k == "traceparent"]
+        out = [
+            OutRecord(s.topic("events"), e, key=key, headers=headers, partition=self.tp.partition)
+            for e in outputs.events
+        ]
+        out += [OutRecord(s.topic("tool.calls"), c, key=key, headers=headers) for c in outputs.tool_calls]
+        out += [OutRecord(s.topic("responses"), r, key=key, headers=headers) for r in outputs.responses]
+        return out
+
+    async def load_state(self, tenant: str, session: str) -> SessionState:
+        """The session's state at its head: hot (Redis) if current, else rebuilt from Cassandra."""
+        deps = self.deps
+        head = self.heads.get((tenant, session))
+        if head is None:
+            rows = await deps.statements.run(
+                "SELECT last_seq FROM {ks}.sessions WHERE tenant_id = ? AND session_id = ?", (tenant, session)
+            )
+            head = int(rows[0]["last_seq"]) if rows and rows[0]["last_seq"] is not None else -1
+            self.heads[(tenant, session)] = head
+        if head < 0:
+            REBUILDS.labels("new").inc()
+            return SessionState(tenant, session)
+        try:
+            hot = await deps.hot.get(tenant, session)
+        except Exception:  # noqa: BLE001 - Redis down or wiped: rebuild
+            hot = None
+        if hot is not None and hot.seq == head:
+            REBUILDS.labels("hot").inc()
+            return SessionState.from_json(hot.data)
+        return await self._rebuild(tenant, session, head)
+
+    async def _rebuild(self, tenant: str, session: str, head: int) -> SessionState:
+        deps = self.deps
+        deadline = time.monotonic() + deps.settings.rebuild_wait_s
+        delay = 0.05
+        while True:
+            state = await rebuild_from_cassandra(deps, tenant, session)
+            if state.seq >= head:
+                REBUILDS.labels("cold").inc()
+                return state
+            if time.monotonic() > deadline:
+                raise RebuildPendingError(f"{tenant}/{session}: Cassandra at seq {state.seq}, head is {head}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def rebuild_from_cassandra(deps: Deps, tenant: str, session: str) -> SessionState:
+    """Latest snapshot + every later event, folded."""
+    rows = await deps.statements.run(
+        "SELECT seq, state FROM {ks}.session_snapshots WHERE tenant_id = ? AND session_id = ? LIMIT 1",
+        (tenant, session),
+    )
+    start = SessionState.from_json(rows[0]["state"]) if rows else None
+    from_seq = start.seq + 1 if start is not None else 0
+    stored = await deps.eventlog.read(tenant, session, from_seq=from_seq)
+    events = [deps.codec.decode(e.record, expected="SessionEvent").datum for e in stored]
+    return fold(tenant, session, events, start)
+
+
+def _is_cassandra_permanent(exc: Exception) -> bool:
+    return type(exc).__name__ in {"InvalidRequest", "SyntaxException", "Unauthorized"}
+
+
+class Reasoner(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Rebalance listener: opens producers (fencing), scans heads, and owns the partition workers."""
+
+    def __init__(self, deps: Deps, consumer: AIOKafkaConsumer) -> None:
+        self.deps = deps
+        self.consumer = consumer
+        self.workers: dict[TopicPartition, PartitionWorker] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    def worker(self, tp: TopicPartition) -> PartitionWorker:
+        worker = self.workers.get(tp)
+        if worker is None:
+            worker = PartitionWorker(self.deps, tp)
+            self.workers[tp] = worker
+            task = asyncio.create_task(self._prepare([worker]))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return worker
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        fresh = []
+        for tp in assigned:
+            if tp not in self.workers:
+                worker = PartitionWorker(self.deps, tp)
+                self.workers[tp] = worker
+                fresh.append(worker)
+        if fresh:
+            await self._prepare(fresh)
+
+    async def _prepare(self, workers: Sequence[PartitionWorker]) -> None:
+        delay = 0.2
+        while True:
+            live = [w for w in workers if not w.closed]
+            if not live:
+                return
+            try:
+                # Starting the producers fences the previous owners and settles their transactions;
+                # only then is the events partition's end final enough to scan.
+                await asyncio.gather(*(self.deps.txns.producer(w.tp) for w in live))
+                heads = await scan_heads(self.deps.settings, [w.tp.partition for w in live], self.deps.codec)
+            except PartitionNotOwnedError:
+                return  # revoked meanwhile
+            except Exception:
+                log.exception("preparing partitions %s failed; retrying", [w.tp.partition for w in live])
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            for w in live:
+                w.heads.update(heads.get(w.tp.partition, {}))
+                if not w.ready.done():
+                    w.ready.set_result(None)
+            return
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        workers = [self.workers.pop(tp) for tp in revoked if tp in self.workers]
+        await asyncio.gather(*(w.close() for w in workers))
+        await self.deps.txns.on_partitions_revoked(revoked)
+
+    @property
+    def buffered(self) -> int:
+        return sum(w.buffered for w in self.workers.values())
+
+
+async def scan_heads(
+    settings: ReasoningSettings, partitions: Sequence[int], codec: AvroCodec
+) -> dict[int, dict[tuple[str, str], int]]:
+    """Each session's last seq in the given events partitions past the checkpoint's committed offset."""
+    events = settings.topic("events")
+    tps = [TopicPartition(events, p) for p in partitions]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(settings.checkpoint_group, partitions=tps)
+    finally:
+        await admin.close()
+    reader = make_consumer(settings, group_id=None, client_id=f"{settings.service_name}-scan")
+    await reader.start()
+    heads: dict[int, dict[tuple[str, str], int]] = {p: {} for p in partitions}
+    try:
+        reader.assign(tps)
+        ends = await reader.end_offsets(tps)
+        remaining = set()
+        for tp in tps:
+            meta = committed.get(tp)
+            start = meta.offset if meta is not None and meta.offset >= 0 else 0
+            if start < ends[tp]:
+                reader.seek(tp, start)
+                remaining.add(tp)
+        while remaining:
+            batches = await reader.getmany(*remaining, timeout_ms=500)
+            for tp, records in batches.items():
+                for r in records:
+                    try:
+                        datum = codec.decode(r.value, expected="SessionEvent").datum
+                    except CodecError:
+                        continue
+                    key = (datum["tenant_id"], datum["session_id"])
+                    bucket = heads[tp.partition]
+                    bucket[key] = max(bucket.get(key, -1), int(datum["seq"]))
+            for tp in list(remaining):
+                if await reader.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+    finally:
+        await reader.stop()
+    return heads
+
+
+async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes: Probes) -> None:
+    codec = default_codec()
+    redis = make_redis(settings)
+    cluster, session = connect(settings)
+    statements = Statements(session, settings.cassandra_keyspace)
+    triton = make_triton_client(settings)
+    model = TritonModel(triton, settings)
+    bucket = TokenBucket(redis, "model", rate=settings.model_rate_per_s, burst=settings.model_burst)
+    model_slots = asyncio.Semaphore(settings.max_inflight_model_calls)
+
+    async def call_model(prompt: str) -> str:
+        async with model_slots:
+            MODEL_INFLIGHT.inc()
+            try:
+                for attempt in range(settings.model_attempts):
+                    BUCKET_WAIT.inc(await bucket.take(max_wait_s=settings.turn_deadline_s))
+                    t0 = time.perf_counter()
+                    try:
+                        return await model.generate(prompt)
+                    except ModelCallError as exc:
+                        if not exc.transient or attempt + 1 == settings.model_attempts:
+                            raise
+                        await asyncio.sleep(0.2 * 2**attempt)
+                    finally:
+                        MODEL_LATENCY.observe(time.perf_counter() - t0)
+                raise AssertionError("unreachable")
+            finally:
+                MODEL_INFLIGHT.dec()
+
+    tools = tool_specs_from(ToolRegistry.from_entry_points().specs())
+    engine = TurnEngine(settings, codec, call_model, RedisDecisionCache(redis), tools, settings.triton_model)
+    cid = client_id(settings)
+    consumer = make_consumer(settings, group_id=settings.group_id, client_id=cid)
+    txns = PartitionTransactions(settings, group_id=settings.group_id, client_id=cid, consumer=consumer)
+    deps = Deps(
+        settings,
+        codec,
+        txns,
+        engine,
+        HotContextStore(redis, ttl_s=settings.hot_context_ttl_s),
+        EventLog(statements),
+        statements,
+        settings.service_name,
+    )
+    reasoner = Reasoner(deps, consumer)
+
+    async def kafka_ready() -> bool:
+        return bool(await consumer.topics())
+
+    async def redis_ready() -> bool:
+        return bool(await redis.ping())
+
+    async def cassandra_ready() -> bool:
+        await statements.run("SELECT release_version FROM system.local")
+        return True
+
+    probes.add("kafka", kafka_ready)
+    probes.add("redis", redis_ready)
+    probes.add("cassandra", cassandra_ready)
+    probes.add("triton", model.ready)
+
+    inbox = settings.topic("reasoning.inbox")
+    consumer.subscribe([inbox], listener=reasoner)
+    await consumer.start()
+    await _check_partitioning(consumer, settings)
+    probes.started = True
+    paused = False
+    high = settings.max_inflight_model_calls * 8
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100, max_records=settings.kafka_max_poll_records)
+            for tp, records in batches.items():
+                log.debug("fetched %d from %s", len(records), tp)
+                worker = reasoner.worker(tp)
+                for record in records:
+                    worker.submit(record)
+            buffered = reasoner.buffered
+            BUFFERED.set(buffered)
+            # Backpressure: stop fetching while too much is buffered (Triton saturated or slow).
+            if not paused and buffered > high:
+                consumer.pause(*consumer.assignment())
+                paused = True
+                PAUSED.set(1)
+            elif paused and buffered < high // 2:
+                consumer.resume(*consumer.assignment())
+                paused = False
+                PAUSED.set(0)
+        log.info("draining in-flight sessions")
+        consumer.pause(*consumer.assignment())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(1.0, settings.shutdown_grace_s - 5)):
+                await asyncio.gather(*(w.drain() for w in list(reasoner.workers.values())))
+    finally:
+        await consumer.stop()  # revokes: workers closed, producers stopped; leaves the group
+        await txns.stop()
+        await triton.close()
+        await redis.aclose()
+        cluster.shutdown()
+
+
+async def _check_partitioning(consumer: AIOKafkaConsumer, settings: ReasoningSettings) -> None:
+    """Events go to the inbox's partition number, so both topics need the same partition count."""
+    inbox_topic, events_topic = settings.topic("reasoning.inbox"), settings.topic("events")
+    await consumer._client.force_metadata_update()
+    inbox = consumer._client.cluster.partitions_for_topic(inbox_topic)
+    events = consumer._client.cluster.partitions_for_topic(events_topic)
+    if inbox and events and len(inbox) != len(events):
+        raise SystemExit(
+            f"{events_topic} has {len(events)} partitions but {inbox_topic} has {len(inbox)}: "
+            "reasoning needs them equal"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        sys.stdout.write("python -m services.reasoning\n\nSettings (environment):\n")
+        sys.stdout.write(ReasoningSettings.describe() + "\n")
+        return 0
+    settings = ReasoningSettings.from_env()
+    configure_logging(settings)
+    return asyncio.run(run_service(settings, lambda stop, probes: run_reasoning(settings, stop, probes)))

@@ -1,0 +1,223 @@
+"""The tool-exec service: the hands. ToolCalls in, ToolResults back to the reasoning inbox.
+
+Each ToolCall runs through :class:`~services.tool_exec.runner.ToolRunner` (idempotency
+classes, LWT claims for irreversible tools, timeouts, retries, per-tool limits and
+replica slots), concurrently with the other calls of its partition. Its ToolResult
+and the partition's watermark offset are committed in one transaction of the input
+partition's producer, so a result is published once per call attempt that finished,
+and a crash re-runs only unfinished calls, which the idempotency store answers
+without re-running side effects (an irreversible call found claimed but unfinished
+becomes ``OUTCOME_UNKNOWN``). A duplicate ToolResult is harmless: reasoning drops a
+result that is no longer pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+
+from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import Counter, Gauge
+
+from services.tool_exec.idempotency import ToolResultStore
+from services.tool_exec.registry import ToolRegistry
+from services.tool_exec.runner import ToolCallRequest, ToolRunner
+from services.tool_exec.settings import ToolExecSettings
+from shared.avro import AvroCodec, CodecError, default_codec
+from shared.cassandra import Statements, connect
+from shared.kafka import (
+    OffsetWatermark,
+    OutRecord,
+    PartitionNotOwnedError,
+    PartitionTransactions,
+    TransactionAbortedError,
+    make_consumer,
+)
+from shared.service import Probes, client_id, configure_logging, dead_letter, run_service, session_key
+
+log = logging.getLogger("agentbus.tool_exec")
+
+CALLS = Counter("agentbus_tool_calls_total", "Tool calls finished", ["tool", "status"])
+SLOTS_IN_USE = Gauge("agentbus_tool_slots_in_use", "Tool calls executing or waiting on this replica")
+
+
+class ToolPartition:
+    """The calls of one tool.calls partition in flight, and its commit watermark."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.offsets = OffsetWatermark()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(
+        self, settings: ToolExecSettings, codec: AvroCodec, runner: ToolRunner, txns: PartitionTransactions
+    ) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.runner = runner
+        self.txns = txns
+        self.partitions: dict[TopicPartition, ToolPartition] = {}
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.txns.on_partitions_assigned(assigned)
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        parts = [self.partitions.pop(tp) for tp in revoked if tp in self.partitions]
+        await asyncio.gather(*(p.close() for p in parts))
+        await self.txns.on_partitions_revoked(revoked)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(p.offsets) for p in self.partitions.values())
+
+    def submit(self, record: ConsumerRecord) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        part = self.partitions.setdefault(tp, ToolPartition(tp))
+        part.offsets.add(record.offset)
+        task = asyncio.create_task(self._handle(part, record))
+        part.tasks.add(task)
+        task.add_done_callback(part.tasks.discard)
+
+    async def _handle(self, part: ToolPartition, record: ConsumerRecord) -> None:
+        SLOTS_IN_USE.inc()
+        try:
+            outputs = await self._outputs(record)
+            delay = 0.1
+            while True:
+                try:
+                    await self.txns.commit(
+                        part.tp, outputs, lambda: {part.tp: part.offsets.commit_point(record.offset)}
+                    )
+                    part.offsets.done(record.offset)
+                    return
+                except (ProducerFenced, PartitionNotOwnedError):
+                    return  # the partition moved; its new owner re-runs (idempotently)
+                except (TransactionAbortedError, KafkaError) as exc:
+                    log.warning(
+                        "%s@%d: publishing the result failed (%s); retrying", part.tp, record.offset, exc
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        finally:
+            SLOTS_IN_USE.dec()
+
+    async def _outputs(self, record: ConsumerRecord) -> list[OutRecord]:
+        s = self.settings
+        try:
+            decoded = self.codec.decode(record.value, expected="ToolCall")
+        except CodecError as exc:
+            return [self._dlq(record, exc.reason_code, str(exc), type(exc).__name__)]
+        call = ToolCallRequest.from_record(decoded.datum)
+        delay = 0.2
+        while True:
+            try:
+                view = await self.runner.execute(call)
+                break
+            except Exception as exc:  # noqa: BLE001 - Cassandra unavailable etc.: try again, never skip
+                log.warning(
+                    "%s: executing %s failed (%s: %s); retrying",
+                    call.call_id,
+                    call.tool,
+                    type(exc).__name__,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        CALLS.labels(call.tool, str(view.status)).inc()
+        value = self.codec.encode("ToolResult", view.as_record(call))
+        headers = [(k, v) for k, v in (record.headers or ()) if k == "traceparent"]
+        key = session_key(call.tenant_id, call.session_id)
+        return [OutRecord(s.topic("reasoning.inbox"), value, key=key, headers=headers)]
+
+    def _dlq(self, record: ConsumerRecord, code: str, reason: str, error_type: str | None) -> OutRecord:
+        value = dead_letter(
+            self.codec,
+            service=self.settings.service_name,
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=record.key,
+            value=record.value,
+            headers=list(record.headers or ()),
+            reason_code=code,
+            reason=reason,
+            error_type=error_type,
+        )
+        return OutRecord(self.settings.topic("dlq"), value, key=record.key)
+
+
+async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes: Probes) -> None:
+    codec = default_codec()
+    cluster, session = connect(settings)
+    statements = Statements(session, settings.cassandra_keyspace)
+    registry = ToolRegistry.from_entry_points()
+    runner = ToolRunner(
+        registry, ToolResultStore(statements, settings.cassandra_serial_consistency), settings
+    )
+    cid = client_id(settings)
+    consumer = make_consumer(settings, group_id=settings.group_id, client_id=cid)
+    txns = PartitionTransactions(settings, group_id=settings.group_id, client_id=cid, consumer=consumer)
+    service = ToolExec(settings, codec, runner, txns)
+
+    async def kafka_ready() -> bool:
+        return bool(await consumer.topics())
+
+    async def cassandra_ready() -> bool:
+        await statements.run("SELECT release_version FROM system.local")
+        return True
+
+    probes.add("kafka", kafka_ready)
+    probes.add("cassandra", cassandra_ready)
+    consumer.subscribe([settings.topic("tool.calls")], listener=service)
+    await consumer.start()
+    probes.started = True
+    paused = False
+    try:
+        while not stop.is_set():
+            batches = await consumer.getmany(timeout_ms=100, max_records=settings.kafka_max_poll_records)
+            for records in batches.values():
+                for record in records:
+                    service.submit(record)
+            # Backpressure: hold fetching while every slot is taken and a backlog waits.
+            busy = service.in_flight
+            if not paused and busy > settings.slots * 2:
+                consumer.pause(*consumer.assignment())
+                paused = True
+            elif paused and busy <= settings.slots:
+                consumer.resume(*consumer.assignment())
+                paused = False
+        consumer.pause(*consumer.assignment())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(1.0, settings.shutdown_grace_s - 5)):
+                tasks = [t for part in service.partitions.values() for t in part.tasks]
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await consumer.stop()
+        await txns.stop()
+        cluster.shutdown()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        sys.stdout.write("python -m services.tool_exec\n\nSettings (environment):\n")
+        sys.stdout.write(ToolExecSettings.describe() + "\n")
+        return 0
+    settings = ToolExecSettings.from_env()
+    configure_logging(settings)
+    return asyncio.run(run_service(settings, lambda stop, probes: run_tool_exec(settings, stop, probes)))

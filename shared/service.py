@@ -1,0 +1,177 @@
+"""What every agentbus service process shares: probes, metrics, signals, dead letters.
+
+A service's ``main.py`` builds its dependencies, registers readiness checks and
+runs its loop under :func:`run_service`, which serves
+
+- ``/healthz``: 200 while the process's event loop answers (liveness);
+- ``/readyz``: 200 when every registered dependency check passes, else 503 with
+  the failing ones (readiness);
+- ``/metrics``: Prometheus text format;
+
+and turns SIGTERM/SIGINT into a graceful stop: the loop is told to stop taking
+work, finish or hand back what is in flight, commit and leave its group, within
+``shutdown_grace_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+
+from shared.avro import AvroCodec
+from shared.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+DEAD_LETTERS = Counter(
+    "agentbus_dead_letters_total", "Records sent to agentbus.dlq", ["service", "reason_code"]
+)
+
+
+def session_key(tenant_id: str, session_id: str) -> bytes:
+    """The Kafka key of every session-scoped record: one session, one partition, in order."""
+    return f"{tenant_id}/{session_id}".encode()
+
+
+def dead_letter(
+    codec: AvroCodec,
+    *,
+    service: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    reason_code: str,
+    reason: str,
+    error_type: str | None = None,
+) -> bytes:
+    """Encode a DeadLetter for a record that could not be processed (and count it)."""
+    DEAD_LETTERS.labels(service, reason_code).inc()
+    return codec.encode(
+        "DeadLetter",
+        {
+            "source_topic": topic,
+            "source_partition": partition,
+            "source_offset": offset,
+            "key": key,
+            "value": value,
+            "headers": [{"key": k, "value": v} for k, v in headers],
+            "reason_code": reason_code,
+            "reason": reason[:2000],
+            "service": service,
+            "error_type": error_type,
+            "failed_at": dt.datetime.now(dt.UTC),
+        },
+    )
+
+
+class Probes:
+    """Readiness checks by name; each must answer within a few seconds."""
+
+    def __init__(self) -> None:
+        self._checks: dict[str, ReadinessCheck] = {}
+        self.started = False
+
+    def add(self, name: str, check: ReadinessCheck) -> None:
+        self._checks[name] = check
+
+    async def run(self) -> dict[str, bool]:
+        async def one(check: ReadinessCheck) -> bool:
+            try:
+                async with asyncio.timeout(3):
+                    return await check()
+            except Exception:  # noqa: BLE001 - a failing dependency is "not ready", not a crash
+                return False
+
+        names = list(self._checks)
+        results = await asyncio.gather(*(one(self._checks[n]) for n in names))
+        return dict(zip(names, results, strict=True))
+
+
+async def _serve_http(settings: ServiceSettings, probes: Probes) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "service": settings.service_name})
+
+    async def readyz(_: web.Request) -> web.Response:
+        results = await probes.run()
+        ready = probes.started and all(results.values())
+        body: dict[str, Any] = {"ready": ready, "started": probes.started, "checks": results}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "0.0.0.0", settings.http_port)  # probes come from the orchestrator
+    await site.start()
+    return runner
+
+
+def configure_logging(settings: ServiceSettings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {settings.service_name} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("cassandra").setLevel(logging.WARNING)
+
+
+async def run_service(
+    settings: ServiceSettings,
+    body: Callable[[asyncio.Event, Probes], Coroutine[Any, Any, None]],
+) -> int:
+    """Serve probes and run ``body(stop, probes)`` until it returns or a signal asks to stop.
+
+    ``body`` must return promptly (within ``shutdown_grace_s``) once ``stop`` is set.
+    Returns the process exit code.
+    """
+    stop = asyncio.Event()
+    probes = Probes()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runner = await _serve_http(settings, probes)
+    task = asyncio.create_task(body(stop, probes))
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            task.result()  # re-raise a crash of the body
+            return 0
+        log.info("stopping: finishing in-flight work (grace %.0fs)", settings.shutdown_grace_s)
+        try:
+            async with asyncio.timeout(settings.shutdown_grace_s):
+                await task
+        except TimeoutError:
+            log.warning("grace period over; abandoning in-flight work (it will be redelivered)")
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return 0
+    finally:
+        stopper.cancel()
+        await runner.cleanup()
+
+
+def client_id(settings: ServiceSettings) -> str:
+    """A client id naming the service and this process (for broker logs and quotas)."""
+    return f"{settings.service_name}-{socket.gethostname()}-{os.getpid()}"
