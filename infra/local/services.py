@@ -311,7 +311,7 @@ class ServiceReplicas:
             else:
                 outcomes[r] = "stopped"
             r.pid_file.unlink(missing_ok=True)
-        return outcomes
+        return {r: outcomes[r] for r in replicas}
 
     def kill(self, name: str, index: int, sig: int = signal.SIGKILL) -> int:
         """Send ``sig`` to replica ``index`` of ``name`` (its process group); returns its pid.
