@@ -68,3 +68,41 @@ async def test_two_hundred_concurrent_sessions_complete_over_two_replicas(
         assert reply["kind"] == "FINAL", (s, reply)
         assert str(a + b * c) in reply["text"], (s, reply["text"])
     assert len({r["message_id"] for r in client.all_responses}) == len(client.all_responses) == 200
+
+
+async def test_concurrency_policies_queue_reject_and_interrupt(
+    topics: KafkaSettings, cassandra_settings: CassandraSettings, statements: Statements, run_id: str
+) -> None:
+    async with running_stack(topics, cassandra_settings, replicas=1), Client(topics) as client:
+        # queue (the default): the second message waits for the running turn, then runs.
+        s = f"queue-{run_id}"
+        first = await client.send("acme", s, "wait 2 seconds")
+        await asyncio.sleep(0.5)
+        second = await client.send("acme", s, "what is 6*7", policy="QUEUE")
+        r1, r2 = await client.reply(first), await client.reply(second)
+        assert (r1["kind"], r2["kind"]) == ("FINAL", "FINAL")
+        assert "42" in r2["text"]
+        assert r2["created_at"] >= r1["created_at"], "the queued turn ran after the running one"
+
+        # reject: the second message is refused while the turn runs; the first completes.
+        s = f"reject-{run_id}"
+        first = await client.send("acme", s, "wait 2 seconds")
+        await asyncio.sleep(0.5)
+        second = await client.send("acme", s, "what is 6*7", policy="REJECT")
+        r2 = await client.reply(second)
+        assert (r2["kind"], r2["reason"]) == ("REJECTED", "turn_in_progress")
+        assert (await client.reply(first))["kind"] == "FINAL"
+
+        # interrupt: the running turn ends with an error, the new one runs.
+        s = f"interrupt-{run_id}"
+        first = await client.send("acme", s, "wait 3 seconds")
+        await asyncio.sleep(0.5)
+        second = await client.send("acme", s, "what is 6*7", policy="INTERRUPT")
+        r1, r2 = await client.reply(first), await client.reply(second)
+        assert (r1["kind"], r1["reason"]) == ("ERROR", "interrupted")
+        assert r2["kind"] == "FINAL" and "42" in r2["text"]
+    # Exactly one final response per accepted message, whatever the policy.
+    per_message: dict[str, int] = {}
+    for r in client.all_responses:
+        per_message[r["message_id"]] = per_message.get(r["message_id"], 0) + 1
+    assert set(per_message.values()) == {1}

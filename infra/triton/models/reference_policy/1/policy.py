@@ -300,7 +300,14 @@ def _sentence(name, arguments, response):
         return f"The {name} call has no result yet."
     status = str(response.get("status") or "OK").upper()
     if status == "OK":
-        return _ok_sentence(name, arguments, response.get("output"))
+        output = response.get("output")
+        if isinstance(output, str):
+            # ToolResult.output is JSON text; read the value it holds.
+            try:
+                output = json.loads(output)
+            except ValueError:
+                pass
+        return _ok_sentence(name, arguments, output)
     error = response.get("error")
     detail = f": {_render(error)}" if error else ""
     if status == "TIMEOUT":
