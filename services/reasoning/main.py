@@ -84,6 +84,7 @@ BUCKET_WAIT = Counter(
     "agentbus_model_bucket_wait_seconds_total", "Time spent waiting for the model token bucket"
 )
 PAUSED = Gauge("agentbus_reasoning_paused", "1 while the consumer is paused for backpressure")
+OWNED = Gauge("agentbus_reasoning_partition_owned", "1 for each inbox partition this replica owns", ["partition"])
 REBUILDS = Counter("agentbus_reasoning_context_loads_total", "Session context loads", ["source"])
 
 
@@ -137,6 +138,7 @@ class PartitionWorker:
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
+        OWNED.labels(str(tp.partition)).set(1)
 
     @property
     def buffered(self) -> int:
@@ -154,6 +156,8 @@ class PartitionWorker:
 
     async def close(self) -> None:
         self.closed = True
+        with contextlib.suppress(KeyError):
+            OWNED.remove(str(self.tp.partition))
         tasks = list(self.tasks.values())
         for task in tasks:
             task.cancel()

@@ -173,8 +173,10 @@ class Client:
                 await asyncio.sleep(0.02)
         return self.responses[message_id]
 
-    async def ask(self, tenant: str, session: str, text: str, **kw: Any) -> dict[str, Any]:
-        return await self.reply(await self.send(tenant, session, text, **kw))
+    async def ask(
+        self, tenant: str, session: str, text: str, *, timeout: float = 60.0, **kw: Any
+    ) -> dict[str, Any]:
+        return await self.reply(await self.send(tenant, session, text, **kw), timeout=timeout)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,128 @@
+"""Crashes: SIGKILL of the reasoning replica serving a session mid-turn, and a Redis wipe.
+
+The services run as real processes (the project's replica supervisor), so a kill is
+a real ``kill -9``: no finally blocks, no leaving the group, an open transaction
+left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiokafka.partitioner import DefaultPartitioner
+
+from infra.local.services import ServiceReplicas
+from infra.local.stack import StackSettings
+from shared.avro import default_codec
+from shared.cassandra import Statements
+from shared.eventlog import EventLog
+from shared.service import session_key
+from shared.settings import CassandraSettings, KafkaSettings
+
+from agent_stack import SECRETS, Client
+
+
+@pytest.fixture
+def replicas(
+    topics: KafkaSettings, cassandra_settings: CassandraSettings, statements: Statements, tmp_path: Path
+) -> Iterator[ServiceReplicas]:
+    prefix = topics.topic_prefix
+    env = {
+        "AGENTBUS_TOPIC_PREFIX": prefix,
+        "AGENTBUS_TOPIC_PARTITIONS": str(topics.topic_partitions),
+        "AGENTBUS_CASSANDRA_KEYSPACE": cassandra_settings.cassandra_keyspace,
+        "AGENTBUS_TENANT_SECRETS": json.dumps(SECRETS),
+        "AGENTBUS_INGRESS_GROUP": f"{prefix}-ingress",
+        "AGENTBUS_REASONING_GROUP": f"{prefix}-reasoning",
+        "AGENTBUS_TOOL_EXEC_GROUP": f"{prefix}-tool-exec",
+        "AGENTBUS_CHECKPOINT_GROUP": f"{prefix}-checkpoint",
+        # Failover is bounded by the session timeout: a dead member is noticed after it.
+        "AGENTBUS_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "AGENTBUS_KAFKA_HEARTBEAT_MS": "1000",
+        "AGENTBUS_SHUTDOWN_GRACE_S": "10",
+    }
+    sup = ServiceReplicas(StackSettings(home=str(tmp_path)), base_port=random.randrange(20000, 29000, 100), env=env)
+    try:
+        sup.start("ingress", 1, wait=False)
+        sup.start("tool-exec", 1, wait=False)
+        sup.start("checkpoint", 1, wait=False)
+        sup.start("reasoning", 2, wait=False)
+        for name in ("ingress", "tool-exec", "checkpoint", "reasoning"):
+            sup.wait_ready(sup.known(name), timeout=90)
+        yield sup
+    finally:
+        for name in ("ingress", "reasoning", "tool-exec", "checkpoint"):
+            sup.stop(name, timeout=20)
+
+
+def _owner(sup: ServiceReplicas, partition: int) -> int:
+    """The replica number of the reasoning replica that owns inbox ``partition`` (from /metrics)."""
+    needle = f'agentbus_reasoning_partition_owned{{partition="{partition}"}} 1.0'
+    for replica in sup.running("reasoning"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{replica.port}/metrics", timeout=5) as response:
+            if needle in response.read().decode():
+                return replica.index
+    raise AssertionError(f"no reasoning replica owns partition {partition}")
+
+
+async def test_a_session_survives_sigkill_of_its_reasoning_replica_and_a_redis_wipe(
+    replicas: ServiceReplicas,
+    topics: KafkaSettings,
+    statements: Statements,
+    redis_client,  # type: ignore[no-untyped-def]
+    run_id: str,
+) -> None:
+    tenant, session = "acme", f"crash-{run_id}"
+    partition = DefaultPartitioner()(session_key(tenant, session), list(range(3)), list(range(3)))
+    async with Client(topics) as client:
+        first = await client.ask(tenant, session, "what is 2+3*4", timeout=60)
+        assert first["kind"] == "FINAL" and "14" in first["text"]
+
+        # Mid-turn: the turn waits on a tool while its reasoning replica is killed.
+        mid = await client.send(tenant, session, "wait 2 seconds and then notify ops that failover works")
+        await asyncio.sleep(0.8)
+        victim = _owner(replicas, partition)
+        replicas.kill("reasoning", victim)
+        killed_at = time.monotonic()
+        reply = await client.reply(mid, timeout=90)
+        recovery_s = time.monotonic() - killed_at
+        assert reply["kind"] == "FINAL", reply
+        assert "notification sent" in reply["text"].lower()
+        assert _owner(replicas, partition) != victim
+
+        remembered = await client.ask(tenant, session, "remember that my colour is green", timeout=60)
+        assert remembered["kind"] == "FINAL"
+        await redis_client.flushall()  # the hot context, decision cache and de-dup keys are gone
+        recalled = await client.ask(tenant, session, "what is my colour", timeout=60)
+        assert recalled["kind"] == "FINAL" and "green" in recalled["text"], recalled
+        again = await client.ask(tenant, session, "notify ops that the wipe is over", timeout=60)
+        assert again["kind"] == "FINAL"
+
+    # Exactly one final response per message.
+    per_message = Counter(r["message_id"] for r in client.all_responses)
+    assert len(per_message) == 5 and set(per_message.values()) == {1}, per_message
+    # notify ran exactly once per idempotency key.
+    rows = await statements.run(
+        "SELECT idempotency_key FROM {ks}.notify_outbox WHERE session_id = ? ALLOW FILTERING", (session,)
+    )
+    executions = Counter(r["idempotency_key"] for r in rows)
+    assert len(executions) == 2 and set(executions.values()) == {1}, executions
+    # The log is contiguous, with no duplicate seq, once the checkpoint caught up.
+    codec = default_codec()
+    async with asyncio.timeout(30):
+        while True:
+            stored = await EventLog(statements).read(tenant, session)
+            events = [codec.decode(e.record, expected="SessionEvent").datum for e in stored]
+            if [e["event_type"] for e in events].count("RESPONSE_SENT") == 5:
+                break
+            await asyncio.sleep(0.3)
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    print(f"failover: reply {recovery_s:.1f}s after SIGKILL of reasoning-{victim}")
