@@ -84,7 +84,9 @@ BUCKET_WAIT = Counter(
     "agentbus_model_bucket_wait_seconds_total", "Time spent waiting for the model token bucket"
 )
 PAUSED = Gauge("agentbus_reasoning_paused", "1 while the consumer is paused for backpressure")
-OWNED = Gauge("agentbus_reasoning_partition_owned", "1 for each inbox partition this replica owns", ["partition"])
+OWNED = Gauge(
+    "agentbus_reasoning_partition_owned", "1 for each inbox partition this replica owns", ["partition"]
+)
 REBUILDS = Counter("agentbus_reasoning_context_loads_total", "Session context loads", ["source"])
 
 

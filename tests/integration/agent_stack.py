@@ -60,16 +60,48 @@ class AgentStack:
         prefix = self.kafka.topic_prefix
         out: list[tuple[str, Any]] = []
         for _ in range(self.replicas):
-            out.append(("ingress", IngressSettings.from_env(
-                **self._common("ingress"), **ks, tenant_secrets=json.dumps(SECRETS),
-                tenant_burst=100000, tenant_rate_per_s=100000.0, **self.overrides.get("ingress", {}))))
-            out.append(("reasoning", ReasoningSettings.from_env(
-                **self._common("reasoning"), **ks, checkpoint_group=f"{prefix}-checkpoint",
-                model_rate_per_s=100000.0, model_burst=100000, **self.overrides.get("reasoning", {}))))
-            out.append(("tool-exec", ToolExecSettings.from_env(
-                **self._common("tool-exec"), **ks, **self.overrides.get("tool-exec", {}))))
-            out.append(("checkpoint", CheckpointSettings.from_env(
-                **self._common("checkpoint"), **ks, **self.overrides.get("checkpoint", {}))))
+            out.append(
+                (
+                    "ingress",
+                    IngressSettings.from_env(
+                        **self._common("ingress"),
+                        **ks,
+                        tenant_secrets=json.dumps(SECRETS),
+                        tenant_burst=100000,
+                        tenant_rate_per_s=100000.0,
+                        **self.overrides.get("ingress", {}),
+                    ),
+                )
+            )
+            out.append(
+                (
+                    "reasoning",
+                    ReasoningSettings.from_env(
+                        **self._common("reasoning"),
+                        **ks,
+                        checkpoint_group=f"{prefix}-checkpoint",
+                        model_rate_per_s=100000.0,
+                        model_burst=100000,
+                        **self.overrides.get("reasoning", {}),
+                    ),
+                )
+            )
+            out.append(
+                (
+                    "tool-exec",
+                    ToolExecSettings.from_env(
+                        **self._common("tool-exec"), **ks, **self.overrides.get("tool-exec", {})
+                    ),
+                )
+            )
+            out.append(
+                (
+                    "checkpoint",
+                    CheckpointSettings.from_env(
+                        **self._common("checkpoint"), **ks, **self.overrides.get("checkpoint", {})
+                    ),
+                )
+            )
         return out  # fmt: skip
 
     async def start(self) -> None:
@@ -109,13 +141,17 @@ class Client:
     kafka: KafkaSettings
     responses: dict[str, dict[str, Any]] = field(default_factory=dict)
     all_responses: list[dict[str, Any]] = field(default_factory=list)
+    _waiters: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
     async def __aenter__(self) -> Client:
         self.codec = default_codec()
         self.producer = make_producer(self.kafka, client_id="test-client")
         await self.producer.start()
         self.consumer = make_consumer(
-            self.kafka, group_id=None, client_id="test-client-responses", topics=[self.kafka.topic("responses")]
+            self.kafka,
+            group_id=None,
+            client_id="test-client-responses",
+            topics=[self.kafka.topic("responses")],
         )
         await self.consumer.start()
         self._reader = asyncio.create_task(self._read())
@@ -135,7 +171,11 @@ class Client:
                     decoded = self.codec.decode(r.value)
                     if decoded.name.endswith("AgentResponse"):
                         self.all_responses.append(decoded.datum)
-                        self.responses.setdefault(decoded.datum["message_id"], decoded.datum)
+                        message_id = decoded.datum["message_id"]
+                        self.responses.setdefault(message_id, decoded.datum)
+                        waiter = self._waiters.pop(message_id, None)
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(None)
 
     async def send(
         self,
@@ -160,23 +200,26 @@ class Client:
                 "metadata": {},
             },
         )
-        signature = sign(secret or SECRETS[tenant], value).encode()
+        # secret None: the tenant's own; "" sends the message unsigned.
+        secret = SECRETS[tenant] if secret is None else secret
+        headers = [("x-agentbus-signature", sign(secret, value).encode())] if secret else []
         await self.producer.send_and_wait(
-            self.kafka.topic("ingress"), value, key=session_key(tenant, session),
-            headers=[("x-agentbus-signature", signature)],
-        )  # fmt: skip
+            self.kafka.topic("ingress"), value, key=session_key(tenant, session), headers=headers
+        )
         return message_id
 
-    async def reply(self, message_id: str, timeout: float = 60.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            while message_id not in self.responses:
-                await asyncio.sleep(0.02)
+    async def reply(self, message_id: str, within_s: float = 60.0) -> dict[str, Any]:
+        """The final response to ``message_id``, waiting up to ``within_s``."""
+        if message_id not in self.responses:
+            waiter = self._waiters.setdefault(message_id, asyncio.get_running_loop().create_future())
+            async with asyncio.timeout(within_s):
+                await waiter
         return self.responses[message_id]
 
     async def ask(
-        self, tenant: str, session: str, text: str, *, timeout: float = 60.0, **kw: Any
+        self, tenant: str, session: str, text: str, *, within_s: float = 60.0, **kw: Any
     ) -> dict[str, Any]:
-        return await self.reply(await self.send(tenant, session, text, **kw), timeout=timeout)
+        return await self.reply(await self.send(tenant, session, text, **kw), within_s=within_s)
 
 
 @contextlib.asynccontextmanager

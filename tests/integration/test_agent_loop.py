@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
+from collections import Counter
 
-from cassandra.cluster import Session
+from agent_stack import Client, running_stack
 
 from shared.avro import default_codec
 from shared.cassandra import Statements
@@ -13,8 +13,6 @@ from shared.context import fold
 from shared.eventlog import EventLog
 from shared.redis import HotContextStore
 from shared.settings import CassandraSettings, KafkaSettings
-
-from agent_stack import Client, running_stack
 
 
 async def _log_when_checkpointed(statements: Statements, tenant: str, session: str, head: int) -> list[dict]:
@@ -29,7 +27,11 @@ async def _log_when_checkpointed(statements: Statements, tenant: str, session: s
 
 
 async def test_a_multi_turn_conversation_with_tools_completes_and_its_log_folds_back(
-    topics: KafkaSettings, cassandra_settings: CassandraSettings, statements: Statements, redis_client, run_id: str
+    topics: KafkaSettings,
+    cassandra_settings: CassandraSettings,
+    statements: Statements,
+    redis_client,
+    run_id: str,
 ) -> None:  # type: ignore[no-untyped-def]
     session = f"conv-{run_id}"
     async with running_stack(topics, cassandra_settings), Client(topics) as client:
@@ -63,7 +65,7 @@ async def test_two_hundred_concurrent_sessions_complete_over_two_replicas(
         ids = await asyncio.gather(
             *(client.send("acme", s, f"what is {a}+{b}*{c}") for s, a, b, c in sessions)
         )
-        replies = await asyncio.gather(*(client.reply(m, timeout=180) for m in ids))
+        replies = await asyncio.gather(*(client.reply(m, within_s=180) for m in ids))
     for (s, a, b, c), reply in zip(sessions, replies, strict=True):
         assert reply["kind"] == "FINAL", (s, reply)
         assert str(a + b * c) in reply["text"], (s, reply["text"])
@@ -106,3 +108,54 @@ async def test_concurrency_policies_queue_reject_and_interrupt(
     for r in client.all_responses:
         per_message[r["message_id"]] = per_message.get(r["message_id"], 0) + 1
     assert set(per_message.values()) == {1}
+
+
+async def test_bad_input_ends_in_the_dlq_or_a_rejection_and_every_service_keeps_serving(
+    topics: KafkaSettings, cassandra_settings: CassandraSettings, statements: Statements, run_id: str
+) -> None:
+    from shared.kafka import make_consumer, make_producer
+    from shared.service import session_key
+
+    codec = default_codec()
+    session = f"bad-{run_id}"
+    key = session_key("acme", session)
+    good_header = bytes.fromhex("c301") + codec.registry.latest("UserMessage").fingerprint
+    async with running_stack(topics, cassandra_settings, replicas=1), Client(topics) as client:
+        raw = make_producer(topics, client_id="bad-input")
+        await raw.start()
+        try:
+            # Garbage and an unknown fingerprint at every service's input topic.
+            for topic in ("ingress", "reasoning.inbox", "tool.calls", "events"):
+                await raw.send_and_wait(topics.topic(topic), b"\x00garbage", key=key)
+                await raw.send_and_wait(topics.topic(topic), b"\xc3\x01" + b"\x11" * 8 + b"body", key=key)
+            await raw.send_and_wait(topics.topic("ingress"), good_header + b"x" * 70000, key=key)  # oversized
+        finally:
+            await raw.stop()
+        unsigned = await client.send("acme", session, "hello", secret="")
+        forged = await client.send("acme", session, "hello", secret="not-the-secret")
+        await client.ask("acme", session, "what is 1+1")  # acme now owns the session
+        foreign = await client.send("globex", session, "hello")
+        assert (await client.reply(unsigned))["reason"] == "unsigned"
+        assert (await client.reply(forged))["reason"] == "forged_signature"
+        assert (await client.reply(foreign))["reason"] == "foreign_session"
+        # ... and the services still serve.
+        ok = await client.ask("acme", session, "what is 20+22")
+        assert ok["kind"] == "FINAL" and "42" in ok["text"]
+
+    dlq = make_consumer(topics, group_id=None, client_id="dlq-reader", topics=[topics.topic("dlq")])
+    await dlq.start()
+    letters: list[dict] = []
+    try:
+        async with asyncio.timeout(20):
+            while len(letters) < 9:
+                for records in (await dlq.getmany(timeout_ms=300)).values():
+                    letters += [codec.decode(r.value, expected="DeadLetter").datum for r in records]
+    finally:
+        await dlq.stop()
+    reasons = Counter((d["service"], d["source_topic"].rsplit(".", 1)[-1], d["reason_code"]) for d in letters)
+    for service, topic in (("ingress", "ingress"), ("reasoning", "inbox"), ("tool-exec", "calls"),
+                           ("checkpoint", "events")):  # fmt: skip
+        assert reasons[(service, topic, "bad_magic")] == 1, reasons
+        assert reasons[(service, topic, "unknown_fingerprint")] == 1, reasons
+    assert reasons[("ingress", "ingress", "oversized")] == 1
+    assert all(d["reason"] and d["value"] is not None for d in letters)

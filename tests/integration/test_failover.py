@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from agent_stack import SECRETS, Client
 from aiokafka.partitioner import DefaultPartitioner
 
 from infra.local.services import ServiceReplicas
@@ -26,8 +27,6 @@ from shared.cassandra import Statements
 from shared.eventlog import EventLog
 from shared.service import session_key
 from shared.settings import CassandraSettings, KafkaSettings
-
-from agent_stack import SECRETS, Client
 
 
 @pytest.fixture
@@ -49,7 +48,9 @@ def replicas(
         "AGENTBUS_KAFKA_HEARTBEAT_MS": "1000",
         "AGENTBUS_SHUTDOWN_GRACE_S": "10",
     }
-    sup = ServiceReplicas(StackSettings(home=str(tmp_path)), base_port=random.randrange(20000, 29000, 100), env=env)
+    sup = ServiceReplicas(
+        StackSettings(home=str(tmp_path)), base_port=random.randrange(20000, 29000, 100), env=env
+    )
     try:
         sup.start("ingress", 1, wait=False)
         sup.start("tool-exec", 1, wait=False)
@@ -83,7 +84,7 @@ async def test_a_session_survives_sigkill_of_its_reasoning_replica_and_a_redis_w
     tenant, session = "acme", f"crash-{run_id}"
     partition = DefaultPartitioner()(session_key(tenant, session), list(range(3)), list(range(3)))
     async with Client(topics) as client:
-        first = await client.ask(tenant, session, "what is 2+3*4", timeout=60)
+        first = await client.ask(tenant, session, "what is 2+3*4", within_s=60)
         assert first["kind"] == "FINAL" and "14" in first["text"]
 
         # Mid-turn: the turn waits on a tool while its reasoning replica is killed.
@@ -92,18 +93,18 @@ async def test_a_session_survives_sigkill_of_its_reasoning_replica_and_a_redis_w
         victim = _owner(replicas, partition)
         replicas.kill("reasoning", victim)
         killed_at = time.monotonic()
-        reply = await client.reply(mid, timeout=90)
+        reply = await client.reply(mid, within_s=90)
         recovery_s = time.monotonic() - killed_at
         assert reply["kind"] == "FINAL", reply
         assert "notification sent" in reply["text"].lower()
         assert _owner(replicas, partition) != victim
 
-        remembered = await client.ask(tenant, session, "remember that my colour is green", timeout=60)
+        remembered = await client.ask(tenant, session, "remember that my colour is green", within_s=60)
         assert remembered["kind"] == "FINAL"
         await redis_client.flushall()  # the hot context, decision cache and de-dup keys are gone
-        recalled = await client.ask(tenant, session, "what is my colour", timeout=60)
+        recalled = await client.ask(tenant, session, "what is my colour", within_s=60)
         assert recalled["kind"] == "FINAL" and "green" in recalled["text"], recalled
-        again = await client.ask(tenant, session, "notify ops that the wipe is over", timeout=60)
+        again = await client.ask(tenant, session, "notify ops that the wipe is over", within_s=60)
         assert again["kind"] == "FINAL"
 
     # Exactly one final response per message.
