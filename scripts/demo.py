@@ -230,8 +230,56 @@ async def run(args: argparse.Namespace) -> int:
             print(f"  {e.text!r}: {e.result.kind} {e.result.text!r}", file=sys.stderr)
         return 1
     total = sum(e.result.latency_s for e in exchanges)
+    print_step_overhead(total)
     print(f"\ndemo OK: {len(exchanges)} turns answered FINAL in {total:.1f}s")
     return 0
+
+
+def _histogram(text: str, name: str) -> dict[float, float]:
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket{{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = buckets.get(float(le), 0.0) + float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def print_step_overhead(wall_s: float) -> None:
+    """Per-record orchestration overhead (model time excluded) from the reasoning replicas' /metrics."""
+    import urllib.request
+
+    from infra.local.services import ServiceReplicas
+
+    merged: dict[float, float] = {}
+    steps = 0.0
+    for port in ServiceReplicas().ports("reasoning"):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        for le, count in _histogram(text, "agentbus_reasoning_step_overhead_seconds").items():
+            merged[le] = merged.get(le, 0.0) + count
+        steps += sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("agentbus_reasoning_model_steps_total ")
+        )
+    if not merged:
+        return
+    total = merged[max(merged)]
+
+    def quantile(q: float) -> str:
+        for le in sorted(merged):
+            if merged[le] >= q * total:
+                return f"<= {le * 1000:g} ms"
+        return "?"
+
+    print(
+        f"\nreasoning overhead per handled record (model time excluded, {int(total)} records): "
+        f"p50 {quantile(0.5)}, p99 {quantile(0.99)}; {int(steps)} model steps in {wall_s:.1f}s of turns "
+        f"= {steps / wall_s if wall_s else 0:.1f} steps/s (sequential turns, tool time included)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

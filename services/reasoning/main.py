@@ -75,7 +75,24 @@ MODEL_LATENCY = Histogram(
 ORCHESTRATION = Histogram(
     "agentbus_reasoning_step_overhead_seconds",
     "Time to handle one inbox record, excluding the model call",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+    buckets=(
+        0.0005,
+        0.001,
+        0.0015,
+        0.002,
+        0.003,
+        0.004,
+        0.005,
+        0.0075,
+        0.01,
+        0.015,
+        0.02,
+        0.03,
+        0.05,
+        0.1,
+        0.25,
+        1,
+    ),
 )
 SESSIONS_IN_FLIGHT = Gauge("agentbus_reasoning_sessions_in_flight", "Sessions with records being handled")
 BUFFERED = Gauge("agentbus_reasoning_buffered_records", "Fetched records not yet committed")
