@@ -8,13 +8,18 @@ each other's data.
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
+from agent_stack import SECRETS
 from cassandra.cluster import Cluster, Session
 
+from infra.local.services import ServiceReplicas
 from infra.local.stack import SERVERS, StackSettings
 from shared.cassandra import Statements, connect
 from shared.migrations import apply_migrations
@@ -86,3 +91,44 @@ def triton_settings() -> TritonSettings:
 @pytest.fixture
 def run_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+def service_processes(
+    topics: KafkaSettings, cassandra_settings: CassandraSettings, cassandra_session: Session, tmp_path: Path
+) -> Iterator[Callable[..., ServiceReplicas]]:
+    """Start the four services as real processes (the project's supervisor) on this test's topics."""
+    prefix = topics.topic_prefix
+    env = {
+        "AGENTBUS_TOPIC_PREFIX": prefix,
+        "AGENTBUS_TOPIC_PARTITIONS": str(topics.topic_partitions),
+        "AGENTBUS_CASSANDRA_KEYSPACE": cassandra_settings.cassandra_keyspace,
+        "AGENTBUS_TENANT_SECRETS": json.dumps(SECRETS),
+        "AGENTBUS_INGRESS_GROUP": f"{prefix}-ingress",
+        "AGENTBUS_REASONING_GROUP": f"{prefix}-reasoning",
+        "AGENTBUS_TOOL_EXEC_GROUP": f"{prefix}-tool-exec",
+        "AGENTBUS_CHECKPOINT_GROUP": f"{prefix}-checkpoint",
+        "AGENTBUS_TENANT_RATE_PER_S": "100000",
+        "AGENTBUS_TENANT_BURST": "100000",
+        # Failover is bounded by the session timeout: a dead member is noticed after it.
+        "AGENTBUS_KAFKA_SESSION_TIMEOUT_MS": "6000",
+        "AGENTBUS_KAFKA_HEARTBEAT_MS": "1000",
+        "AGENTBUS_SHUTDOWN_GRACE_S": "10",
+    }
+    sup = ServiceReplicas(
+        StackSettings(home=str(tmp_path)), base_port=random.randrange(20000, 29000, 100), env=env
+    )
+
+    def start(**counts: int) -> ServiceReplicas:
+        names = {"ingress": 1, "tool_exec": 1, "checkpoint": 1, "reasoning": 2} | counts
+        for name, n in names.items():
+            sup.start(name.replace("_", "-"), n, wait=False)
+        for name in names:
+            sup.wait_ready(sup.known(name.replace("_", "-")), timeout=90)
+        return sup
+
+    try:
+        yield start
+    finally:
+        for name in ("ingress", "reasoning", "tool-exec", "checkpoint"):
+            sup.stop(name, timeout=20)

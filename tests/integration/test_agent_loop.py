@@ -57,10 +57,14 @@ async def test_a_multi_turn_conversation_with_tools_completes_and_its_log_folds_
     assert rebuilt.to_json() == hot.data
 
 
-async def test_two_hundred_concurrent_sessions_complete_over_two_replicas(
-    topics: KafkaSettings, cassandra_settings: CassandraSettings, statements: Statements, run_id: str
+async def test_two_hundred_concurrent_sessions_complete_over_two_replicas_of_each_service(
+    topics: KafkaSettings,
+    service_processes,
+    run_id: str,  # type: ignore[no-untyped-def]
 ) -> None:
-    async with running_stack(topics, cassandra_settings), Client(topics) as client:
+    # Real processes: two of each service, each its own group member.
+    service_processes(ingress=2, tool_exec=2, checkpoint=2, reasoning=2)
+    async with Client(topics) as client:
         sessions = [(f"many-{run_id}-{i}", i % 7 + 1, i % 5 + 2, i % 3 + 1) for i in range(200)]
         ids = await asyncio.gather(
             *(client.send("acme", s, f"what is {a}+{b}*{c}") for s, a, b, c in sessions)

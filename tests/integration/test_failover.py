@@ -8,60 +8,20 @@ left behind.
 from __future__ import annotations
 
 import asyncio
-import json
-import random
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
-from agent_stack import SECRETS, Client
+from agent_stack import Client
 from aiokafka.partitioner import DefaultPartitioner
 
 from infra.local.services import ServiceReplicas
-from infra.local.stack import StackSettings
 from shared.avro import default_codec
 from shared.cassandra import Statements
 from shared.eventlog import EventLog
 from shared.service import session_key
-from shared.settings import CassandraSettings, KafkaSettings
-
-
-@pytest.fixture
-def replicas(
-    topics: KafkaSettings, cassandra_settings: CassandraSettings, statements: Statements, tmp_path: Path
-) -> Iterator[ServiceReplicas]:
-    prefix = topics.topic_prefix
-    env = {
-        "AGENTBUS_TOPIC_PREFIX": prefix,
-        "AGENTBUS_TOPIC_PARTITIONS": str(topics.topic_partitions),
-        "AGENTBUS_CASSANDRA_KEYSPACE": cassandra_settings.cassandra_keyspace,
-        "AGENTBUS_TENANT_SECRETS": json.dumps(SECRETS),
-        "AGENTBUS_INGRESS_GROUP": f"{prefix}-ingress",
-        "AGENTBUS_REASONING_GROUP": f"{prefix}-reasoning",
-        "AGENTBUS_TOOL_EXEC_GROUP": f"{prefix}-tool-exec",
-        "AGENTBUS_CHECKPOINT_GROUP": f"{prefix}-checkpoint",
-        # Failover is bounded by the session timeout: a dead member is noticed after it.
-        "AGENTBUS_KAFKA_SESSION_TIMEOUT_MS": "6000",
-        "AGENTBUS_KAFKA_HEARTBEAT_MS": "1000",
-        "AGENTBUS_SHUTDOWN_GRACE_S": "10",
-    }
-    sup = ServiceReplicas(
-        StackSettings(home=str(tmp_path)), base_port=random.randrange(20000, 29000, 100), env=env
-    )
-    try:
-        sup.start("ingress", 1, wait=False)
-        sup.start("tool-exec", 1, wait=False)
-        sup.start("checkpoint", 1, wait=False)
-        sup.start("reasoning", 2, wait=False)
-        for name in ("ingress", "tool-exec", "checkpoint", "reasoning"):
-            sup.wait_ready(sup.known(name), timeout=90)
-        yield sup
-    finally:
-        for name in ("ingress", "reasoning", "tool-exec", "checkpoint"):
-            sup.stop(name, timeout=20)
+from shared.settings import KafkaSettings
 
 
 def _owner(sup: ServiceReplicas, partition: int) -> int:
@@ -75,12 +35,13 @@ def _owner(sup: ServiceReplicas, partition: int) -> int:
 
 
 async def test_a_session_survives_sigkill_of_its_reasoning_replica_and_a_redis_wipe(
-    replicas: ServiceReplicas,
+    service_processes: Callable[..., ServiceReplicas],
     topics: KafkaSettings,
     statements: Statements,
     redis_client,  # type: ignore[no-untyped-def]
     run_id: str,
 ) -> None:
+    replicas = service_processes()
     tenant, session = "acme", f"crash-{run_id}"
     partition = DefaultPartitioner()(session_key(tenant, session), list(range(3)), list(range(3)))
     async with Client(topics) as client:
