@@ -19,6 +19,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -300,3 +301,21 @@ class OffsetWatermark:
 
     def done(self, offset: int) -> None:
         self._inflight.discard(offset)
+
+
+async def poll(
+    consumer: AIOKafkaConsumer, *, timeout_ms: int, max_records: int | None = None
+) -> dict[TopicPartition, list[Any]]:
+    """``consumer.getmany`` that survives a broker restart: an error is logged and reads as no records.
+
+    aiokafka reconnects by itself; a service loop must not die because one fetch failed.
+    """
+    try:
+        batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
+            timeout_ms=timeout_ms, max_records=max_records
+        )
+        return batches
+    except KafkaError as exc:
+        log.warning("fetch failed (%s: %s); retrying", type(exc).__name__, exc)
+        await asyncio.sleep(0.5)
+        return {}

@@ -44,7 +44,7 @@ from services.checkpoint.settings import CheckpointSettings
 from shared.avro import AvroCodec, default_codec
 from shared.cassandra import Statements, connect
 from shared.eventlog import EventLog
-from shared.kafka import make_consumer, make_producer
+from shared.kafka import make_consumer, make_producer, poll
 from shared.service import Probes, client_id, dead_letter
 
 log = logging.getLogger(__name__)
@@ -266,8 +266,8 @@ async def _loop(
 ) -> None:
     backoff = BACKOFF_START_S
     while not stop.is_set():
-        batch = await consumer.getmany(
-            timeout_ms=settings.batch_linger_ms, max_records=settings.batch_max_events
+        batch = await poll(
+            consumer, timeout_ms=settings.batch_linger_ms, max_records=settings.batch_max_events
         )
         batch = {tp: rs for tp, rs in batch.items() if rs}
         if batch:

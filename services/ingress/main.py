@@ -40,6 +40,7 @@ from shared.kafka import (
     TopicPartition,
     TransactionAbortedError,
     make_consumer,
+    poll,
 )
 from shared.redis import make_redis
 from shared.service import Probes, client_id
@@ -112,7 +113,7 @@ class IngressLoop:
     async def run(self) -> None:
         """Poll and handle batches until ``stop`` is set; the batch in hand is finished first."""
         while not self._stop.is_set():
-            batches = await self._consumer.getmany(timeout_ms=300)
+            batches = await poll(self._consumer, timeout_ms=300)
             for tp, records in batches.items():
                 await self.handle_batch(tp, records)
 

@@ -39,7 +39,14 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
+from cassandra import CoordinationFailure as CassandraCoordinationFailure
+from cassandra import OperationTimedOut as CassandraOperationTimedOut
+from cassandra import ReadTimeout as CassandraReadTimeout
+from cassandra import Unavailable as CassandraUnavailable
+from cassandra import WriteTimeout as CassandraWriteTimeout
+from cassandra.cluster import NoHostAvailable
 from prometheus_client import Counter, Gauge, Histogram
+from redis.exceptions import RedisError
 
 from services.reasoning.settings import ReasoningSettings
 from services.reasoning.turns import ModelUnavailableError, Outputs, TurnEngine, tool_specs_from
@@ -55,6 +62,7 @@ from shared.kafka import (
     PartitionTransactions,
     TransactionAbortedError,
     make_consumer,
+    poll,
 )
 from shared.ratelimit import TokenBucket
 from shared.redis import HotContextStore, make_redis
@@ -213,14 +221,7 @@ class PartitionWorker:
                 return
             except (ProducerFenced, PartitionNotOwnedError):
                 raise
-            except (
-                ModelUnavailableError,
-                RebuildPendingError,
-                TransactionAbortedError,
-                KafkaError,
-                TimeoutError,
-                ConnectionError,
-            ) as exc:
+            except TRANSIENT as exc:
                 # Transient: nothing was published; try the same record again.
                 log.warning(
                     "%s@%d: transient failure (%s: %s); retrying",
@@ -375,6 +376,25 @@ async def rebuild_from_cassandra(deps: Deps, tenant: str, session: str) -> Sessi
 
 def _is_cassandra_permanent(exc: Exception) -> bool:
     return type(exc).__name__ in {"InvalidRequest", "SyntaxException", "Unauthorized"}
+
+
+# Failures of a dependency, not of the record: retried for as long as they last, never
+# dead-lettered (a Cassandra or Redis restart must not cost a turn).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    ModelUnavailableError,
+    RebuildPendingError,
+    TransactionAbortedError,
+    KafkaError,
+    TimeoutError,
+    ConnectionError,
+    RedisError,
+    CassandraOperationTimedOut,
+    NoHostAvailable,
+    CassandraUnavailable,
+    CassandraReadTimeout,
+    CassandraWriteTimeout,
+    CassandraCoordinationFailure,
+)
 
 
 class Reasoner(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -555,7 +575,7 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
     high = settings.max_inflight_model_calls * 8
     try:
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=100, max_records=settings.kafka_max_poll_records)
+            batches = await poll(consumer, timeout_ms=100, max_records=settings.kafka_max_poll_records)
             for tp, records in batches.items():
                 log.debug("fetched %d from %s", len(records), tp)
                 worker = reasoner.worker(tp)

@@ -37,6 +37,7 @@ from shared.kafka import (
     PartitionTransactions,
     TransactionAbortedError,
     make_consumer,
+    poll,
 )
 from shared.service import Probes, client_id, configure_logging, dead_letter, run_service, session_key
 
@@ -189,7 +190,7 @@ async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes:
     paused = False
     try:
         while not stop.is_set():
-            batches = await consumer.getmany(timeout_ms=100, max_records=settings.kafka_max_poll_records)
+            batches = await poll(consumer, timeout_ms=100, max_records=settings.kafka_max_poll_records)
             for records in batches.values():
                 for record in records:
                     service.submit(record)
