@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from agent_stack import SECRETS
 from cassandra.cluster import Cluster, Session
 
 from infra.local.services import ServiceReplicas
@@ -25,6 +24,7 @@ from shared.cassandra import Statements, connect
 from shared.migrations import apply_migrations
 from shared.settings import CassandraSettings, KafkaSettings, RedisSettings, TritonSettings
 from shared.topics import TOPICS, ensure_topics
+from tests.integration.agent_stack import SECRETS
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

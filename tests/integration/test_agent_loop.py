@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from agent_stack import Client, running_stack
-
 from shared.avro import default_codec
 from shared.cassandra import Statements
 from shared.context import fold
 from shared.eventlog import EventLog
 from shared.redis import HotContextStore
 from shared.settings import CassandraSettings, KafkaSettings
+from tests.integration.agent_stack import Client, running_stack
 
 
 async def _log_when_checkpointed(statements: Statements, tenant: str, session: str, head: int) -> list[dict]:

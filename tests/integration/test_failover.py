@@ -13,7 +13,6 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 
-from agent_stack import Client
 from aiokafka.partitioner import DefaultPartitioner
 
 from infra.local.services import ServiceReplicas
@@ -22,6 +21,7 @@ from shared.cassandra import Statements
 from shared.eventlog import EventLog
 from shared.service import session_key
 from shared.settings import KafkaSettings
+from tests.integration.agent_stack import Client
 
 
 def _owner(sup: ServiceReplicas, partition: int) -> int:
