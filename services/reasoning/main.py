@@ -406,9 +406,16 @@ class Reasoner(ConsumerRebalanceListener):  # type: ignore[misc]
         self.workers: dict[TopicPartition, PartitionWorker] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    def worker(self, tp: TopicPartition) -> PartitionWorker:
+    def worker(self, tp: TopicPartition) -> PartitionWorker | None:
+        """The worker of an owned partition (started on first use), or None if it is not ours.
+
+        A fetch can return records of a partition the group has just taken away; they
+        belong to the new owner now, so they are dropped here, not buffered.
+        """
+        if tp not in self.consumer.assignment():
+            return None
         worker = self.workers.get(tp)
-        if worker is None:
+        if worker is None or worker.closed:
             worker = PartitionWorker(self.deps, tp)
             self.workers[tp] = worker
             task = asyncio.create_task(self._prepare([worker]))
@@ -419,7 +426,8 @@ class Reasoner(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         fresh = []
         for tp in assigned:
-            if tp not in self.workers:
+            current = self.workers.get(tp)
+            if current is None or current.closed:
                 worker = PartitionWorker(self.deps, tp)
                 self.workers[tp] = worker
                 fresh.append(worker)
@@ -438,7 +446,12 @@ class Reasoner(ConsumerRebalanceListener):  # type: ignore[misc]
                 await asyncio.gather(*(self.deps.txns.producer(w.tp) for w in live))
                 heads = await scan_heads(self.deps.settings, [w.tp.partition for w in live], self.deps.codec)
             except PartitionNotOwnedError:
-                return  # revoked meanwhile
+                # Revoked meanwhile: forget these workers so a later assignment starts afresh.
+                for w in live:
+                    if self.workers.get(w.tp) is w:
+                        del self.workers[w.tp]
+                    await w.close()
+                return
             except Exception:
                 log.exception("preparing partitions %s failed; retrying", [w.tp.partition for w in live])
                 await asyncio.sleep(delay)
@@ -579,6 +592,8 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
             for tp, records in batches.items():
                 log.debug("fetched %d from %s", len(records), tp)
                 worker = reasoner.worker(tp)
+                if worker is None:
+                    continue
                 for record in records:
                     worker.submit(record)
             buffered = reasoner.buffered

@@ -19,7 +19,7 @@ import logging
 import sys
 from collections.abc import Iterable, Sequence
 
-from aiokafka import ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import Counter, Gauge
@@ -65,8 +65,14 @@ class ToolPartition:
 
 class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(
-        self, settings: ToolExecSettings, codec: AvroCodec, runner: ToolRunner, txns: PartitionTransactions
+        self,
+        settings: ToolExecSettings,
+        codec: AvroCodec,
+        runner: ToolRunner,
+        txns: PartitionTransactions,
+        consumer: AIOKafkaConsumer,
     ) -> None:
+        self.consumer = consumer
         self.settings = settings
         self.codec = codec
         self.runner = runner
@@ -74,6 +80,11 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
         self.partitions: dict[TopicPartition, ToolPartition] = {}
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = list(assigned)
+        for tp in assigned:
+            # Revocation dropped any past tenure's state; a part made by submit() since the
+            # assignment became visible belongs to this tenure and is kept.
+            self.partitions.setdefault(tp, ToolPartition(tp))
         await self.txns.on_partitions_assigned(assigned)
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
@@ -88,7 +99,12 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
 
     def submit(self, record: ConsumerRecord) -> None:
         tp = TopicPartition(record.topic, record.partition)
-        part = self.partitions.setdefault(tp, ToolPartition(tp))
+        part = self.partitions.get(tp)
+        if part is None:
+            if tp not in self.consumer.assignment():
+                return  # fetched just before the partition was revoked: the new owner runs it
+            # aiokafka shows a new assignment before the listener has run.
+            part = self.partitions[tp] = ToolPartition(tp)
         part.offsets.add(record.offset)
         task = asyncio.create_task(self._handle(part, record))
         part.tasks.add(task)
@@ -173,7 +189,7 @@ async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes:
     cid = client_id(settings)
     consumer = make_consumer(settings, group_id=settings.group_id, client_id=cid)
     txns = PartitionTransactions(settings, group_id=settings.group_id, client_id=cid, consumer=consumer)
-    service = ToolExec(settings, codec, runner, txns)
+    service = ToolExec(settings, codec, runner, txns, consumer)
 
     async def kafka_ready() -> bool:
         return bool(await consumer.topics())

@@ -309,20 +309,32 @@ class Chaos:
         victim = self.rng.choice(running)
         owned = await asyncio.to_thread(self._owned, victim.index) if name == "reasoning" else set()
         await asyncio.to_thread(self.sup.kill, name, victim.index, signal.SIGKILL)
-        record = self._record("kill", victim.name)
-        if name == "reasoning" and owned:
-            record.recovery_s = await self._wait_owned(owned, exclude=victim.index)
-            record.note = f"partitions {sorted(owned)}"
-        await asyncio.sleep(restart_after if restart_after is not None else self.rng.uniform(1.0, 4.0))
-        await asyncio.to_thread(self.sup.restart, name, victim.index, wait=False)
+        record = self._record("kill", victim.name, f"partitions {sorted(owned)}" if owned else "")
+        # The victim comes back on its own schedule, as an orchestrator would restart it;
+        # recovery is measured meanwhile: until live replicas own all it had.
+        delay = restart_after if restart_after is not None else self.rng.uniform(2.0, 5.0)
+        restart = asyncio.create_task(self._restart_later(name, victim.index, delay))
+        if owned:
+            record.recovery_s = await self._wait_owned(owned, exclude=None)
+        await restart
+
+    async def _restart_later(self, name: str, index: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        await asyncio.to_thread(self.sup.restart, name, index, wait=False)
 
     async def _burst(self) -> None:
         self._record("burst", "one replica of every service")
         await asyncio.gather(*(self._kill(name, restart_after=3.0) for name in SERVICES))
 
     async def _sigstop_reasoning(self) -> None:
-        running = self.sup.running("reasoning")
-        if len(running) < 2:
+        # Needs a survivor to take over: wait (bounded) until two replicas run.
+        for _ in range(100):
+            running = self.sup.running("reasoning")
+            if len(running) >= 2:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            self._record("sigstop-skipped", "reasoning", "no second replica running")
             return
         victim = self.rng.choice(running)
         owned = await asyncio.to_thread(self._owned, victim.index)

@@ -25,8 +25,8 @@ from services.reasoning.main import run_reasoning
 from services.reasoning.settings import ReasoningSettings
 from services.tool_exec.main import run_tool_exec
 from services.tool_exec.settings import ToolExecSettings
-from shared.avro import default_codec
-from shared.kafka import make_consumer, make_producer
+from shared.avro import CodecError, default_codec
+from shared.kafka import make_consumer, make_producer, poll
 from shared.service import Probes, session_key
 from shared.settings import CassandraSettings, KafkaSettings
 
@@ -165,10 +165,14 @@ class Client:
         await self.producer.stop()
 
     async def _read(self) -> None:
+        # Survives broker restarts (poll) and anything undecodable: a client must not go deaf.
         while True:
-            for records in (await self.consumer.getmany(timeout_ms=200)).values():
+            for records in (await poll(self.consumer, timeout_ms=200)).values():
                 for r in records:
-                    decoded = self.codec.decode(r.value)
+                    try:
+                        decoded = self.codec.decode(r.value)
+                    except CodecError:
+                        continue
                     if decoded.name.endswith("AgentResponse"):
                         self.all_responses.append(decoded.datum)
                         message_id = decoded.datum["message_id"]

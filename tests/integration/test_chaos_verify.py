@@ -41,6 +41,7 @@ T0 = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC)
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SESSIONS = 6
 MESSAGES = 3
+EVENTS_PER_TURN = 2
 SERVICES = ("ingress", "reasoning", "tool-exec", "checkpoint")
 
 # scenario -> the checks it must fail (empty: the world is correct)
@@ -174,14 +175,14 @@ async def build(base: KafkaSettings, statements: Statements, scenario: str) -> W
                 send("responses", key, response(tenant, session, mid, kind, reason))
                 if scenario == "duplicate_response" and (s, m) == (2, 0):
                     send("responses", key, response(tenant, session, mid, kind, reason))
-            for _ in range(2):
+            for _ in range(EVENTS_PER_TURN):
                 if scenario == "seq_gap" and (s, seq) == (4, 3):
                     seq += 1  # seq 3 never written, in Kafka nor Cassandra
                 value = event(tenant, session, seq, turn, mid)
                 send("events", key, value)
                 if scenario == "duplicate_seq" and (s, seq) == (4, 2):
                     send("events", key, value)  # byte-identical replay: still a violation
-                if scenario == "cassandra_differs" and (s, seq) == (5, 1):
+                if scenario == "cassandra_differs" and (s, seq) == (5, 2):
                     value = event(tenant, session, seq, turn, mid, text="other")
                 stored.append(StoredEvent(tenant, session, seq, turn, "X", value, TRACE, T0))
                 seq += 1
@@ -259,13 +260,12 @@ async def _commit_groups(world: World, *, lag: bool) -> None:
                 await consumer.commit({tp: world.last[tp] + 1 for tp in tps if tp in world.last})
                 continue
             ends = await consumer.end_offsets(tps)
-            while any(await consumer.position(tp) < ends[tp] for tp in tps):
+            while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:
                 await consumer.getmany(timeout_ms=500)
+            await consumer.commit()
             if lag and service == "reasoning":
                 tp = next(tp for tp in tps if tp in world.last)
                 await consumer.commit({tp: world.last[tp]})  # the last record is not consumed
-            else:
-                await consumer.commit()
         finally:
             await consumer.stop()
 
@@ -339,7 +339,7 @@ async def test_verify_passes_a_correct_world_and_fails_exactly_the_broken_check(
     assert ok.totals["sessions"] == SESSIONS
     assert ok.totals["turns"] == turns
     assert ok.totals["responses"] == SESSIONS * MESSAGES
-    assert ok.totals["events"] == 2 * (turns - 1)  # reasoning's rejection logs no events here
+    assert ok.totals["events"] == EVENTS_PER_TURN * (turns - 1)  # reasoning's rejection logs no events here
     assert ok.totals["dlq_records"] == 2
     assert ok.totals["notify_executions"] == SESSIONS
     assert ok.totals["ingress_undecodable"] == 1

@@ -1,0 +1,24 @@
+"""The bounded chaos run inside `make test` (the full one is `make chaos`).
+
+30 sessions x 5 turns through two real processes of each service while replicas of
+every service are SIGKILLed (singles and a burst), a reasoning replica is SIGSTOPped
+past its session timeout and resumed, Redis is wiped, poison and schema-incompatible
+records hit every input topic and tool-exec's group is re-seeked to the beginning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tests.chaos.harness import ChaosConfig
+from tests.chaos.run_chaos import SCENARIOS, run_scenario
+
+
+async def test_smoke_chaos_loses_nothing_and_does_nothing_twice() -> None:
+    config = dataclasses.replace(ChaosConfig(seed=11), **SCENARIOS["smoke"])
+    result, report = await run_scenario(config, partitions=6)
+    assert report.ok, report.to_text()
+    assert not result.wrong_answers, result.wrong_answers[:10]
+    assert len(result.answers) == config.sessions * config.turns
+    kinds = {f.kind for f in result.faults}
+    assert {"kill", "burst", "sigstop", "redis-flushall", "poison", "replay"} <= kinds, kinds
