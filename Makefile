@@ -11,7 +11,7 @@ DEMO_SECRET ?= demo-local-secret
 DEMO_TENANTS := $(CURDIR)/.local/demo-tenants.json
 PYTEST_ARGS ?=
 
-.PHONY: help setup up down status logs bootstrap lint test test-unit demo demo-tenants services-up services-down clean
+.PHONY: help setup up down status logs bootstrap lint test test-unit demo demo-tenants services-up services-down chaos clean
 
 help:
 	@echo "make setup    install the Python environment, Redis, and the Kafka/Cassandra jars"
@@ -21,6 +21,7 @@ help:
 	@echo "make logs     the last lines of every server's log (SERVER=kafka for one)"
 	@echo "make lint     ruff and mypy (strict on shared/ and services/)"
 	@echo "make test     setup, up, lint, then the whole test suite against the real servers"
+	@echo "make chaos    the chaos suite: kills, restarts, wipes, poison, replay; verifies effectively-once"
 	@echo "make demo     up, 2 replicas of every service, a scripted conversation, services down"
 	@echo "make services-up    REPLICAS (default 2) of each service as local processes (after make up)"
 	@echo "make services-down  stop exactly the service replicas services-up started"
@@ -87,6 +88,11 @@ services-up: up demo-tenants
 
 services-down:
 	@test -x $(PY) && $(SERVICES) down || echo "nothing to stop (no environment)"
+
+# The full chaos run (tests/chaos): 1,000 sessions x 5 turns under every fault, then the verifier.
+# CHAOS_ARGS='--scenario smoke' for a quick one; results go to docs/RELIABILITY.md.
+chaos: up
+	PYTHONPATH=$(CURDIR) $(PY) -m tests.chaos.run_chaos $(CHAOS_ARGS)
 
 clean: down
 	rm -rf .local

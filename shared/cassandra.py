@@ -9,15 +9,25 @@ level from the settings, so reads and writes carry an explicit consistency.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from cassandra import ConsistencyLevel
-from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, ResponseFuture, Session
+from cassandra.cluster import (
+    EXEC_PROFILE_DEFAULT,
+    Cluster,
+    ExecutionProfile,
+    NoHostAvailable,
+    ResponseFuture,
+    Session,
+)
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
 from cassandra.query import PreparedStatement, Statement, dict_factory
 
 from shared.settings import CassandraSettings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Statements", "connect", "consistency", "execute", "make_cluster"]
 
@@ -128,3 +138,23 @@ class Statements:
     async def run(self, cql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Prepare ``cql`` (once) and execute it with ``params``."""
         return await execute(self._session, self.get(cql), list(params))
+
+
+async def connect_when_reachable(
+    settings: CassandraSettings, stop: asyncio.Event | None = None
+) -> tuple[Cluster, Session]:
+    """:func:`connect`, retried with backoff while Cassandra is down (a restart, a deploy).
+
+    Raises:
+        asyncio.CancelledError: ``stop`` was set before Cassandra answered.
+    """
+    delay = 0.5
+    while True:
+        try:
+            return await asyncio.to_thread(connect, settings)
+        except NoHostAvailable as exc:
+            log.warning("cassandra unreachable (%s); retrying in %.1fs", exc, delay)
+        if stop is not None and stop.is_set():
+            raise asyncio.CancelledError("stopped before Cassandra answered")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)

@@ -209,7 +209,7 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _close(self, tp: TopicPartition) -> None:
         producer = self._producers.pop(tp, None)
         if producer is not None:
-            await producer.stop()
+            await stop_quietly(producer)
 
     async def reopen(self, tp: TopicPartition) -> None:
         """Throw away the partition's producer and start a new one (after an ambiguous error)."""
@@ -319,3 +319,38 @@ async def poll(
         log.warning("fetch failed (%s: %s); retrying", type(exc).__name__, exc)
         await asyncio.sleep(0.5)
         return {}
+
+
+async def stop_quietly(client: Any, within_s: float = 5.0) -> None:
+    """Stop a producer or consumer, giving up after ``within_s``.
+
+    After a broker restart a producer's sender can die ("Unexpected error during batch
+    delivery") and ``stop()`` then waits on batches it will never deliver; the client is
+    abandoned instead (a transactional one is fenced by its successor anyway).
+    """
+    try:
+        await asyncio.wait_for(client.stop(), within_s)
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.warning("abandoning a Kafka client that would not stop cleanly: %r", exc)
+
+
+async def start_when_reachable(
+    client: Any, stop: asyncio.Event | None = None, *, what: str = "kafka"
+) -> None:
+    """``client.start()`` retried with backoff while the broker is unreachable (a restart, a deploy).
+
+    A service started while Kafka is down waits for it instead of exiting.
+    Raises:
+        asyncio.CancelledError: ``stop`` was set before the broker answered.
+    """
+    delay = 0.5
+    while True:
+        try:
+            await client.start()
+            return
+        except KafkaError as exc:
+            log.warning("%s: broker unreachable (%s); retrying in %.1fs", what, exc, delay)
+        if stop is not None and stop.is_set():
+            raise asyncio.CancelledError("stopped before the broker answered")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)

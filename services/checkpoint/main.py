@@ -42,9 +42,9 @@ from services.checkpoint.handlers import (
 )
 from services.checkpoint.settings import CheckpointSettings
 from shared.avro import AvroCodec, default_codec
-from shared.cassandra import Statements, connect
+from shared.cassandra import Statements, connect_when_reachable
 from shared.eventlog import EventLog
-from shared.kafka import make_consumer, make_producer, poll
+from shared.kafka import make_consumer, make_producer, poll, start_when_reachable
 from shared.service import Probes, client_id, dead_letter
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,7 @@ def _in_record(r: ConsumerRecord) -> InRecord:
 async def run_checkpoint(settings: CheckpointSettings, stop: asyncio.Event, probes: Probes) -> None:
     """Consume ``events`` and checkpoint them until ``stop`` is set; then commit and leave the group."""
     codec = default_codec()
-    cluster, session = await asyncio.to_thread(connect, settings)
+    cluster, session = await connect_when_reachable(settings, stop)
     statements = Statements(session, settings.cassandra_keyspace)
     cid = client_id(settings)
     consumer = make_consumer(settings, group_id=settings.group_id, client_id=cid)
@@ -244,8 +244,8 @@ async def run_checkpoint(settings: CheckpointSettings, stop: asyncio.Event, prob
     probes.add("kafka", kafka_ready)
     probes.add("cassandra", cassandra_ready)
     try:
-        await producer.start()
-        await consumer.start()
+        await start_when_reachable(producer, stop, what="checkpoint dead-letter producer")
+        await start_when_reachable(consumer, stop, what="checkpoint consumer")
         probes.started = True
         checkpointer = Checkpointer(settings, consumer, producer, statements, codec)
         await _loop(settings, consumer, checkpointer, stop)

@@ -32,7 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.avro import AvroCodec, default_codec
-from shared.cassandra import Statements, connect, execute
+from shared.cassandra import Statements, connect_when_reachable, execute
 from shared.kafka import (
     OutRecord,
     PartitionNotOwnedError,
@@ -41,6 +41,7 @@ from shared.kafka import (
     TransactionAbortedError,
     make_consumer,
     poll,
+    start_when_reachable,
 )
 from shared.redis import make_redis
 from shared.service import Probes, client_id
@@ -202,7 +203,7 @@ async def run_ingress(settings: IngressSettings, stop: asyncio.Event, probes: Pr
     codec = default_codec()
     cid = client_id(settings)
     redis = make_redis(settings)
-    cluster, session = await asyncio.to_thread(connect, settings)
+    cluster, session = await connect_when_reachable(settings, stop)
     try:
         statements = Statements(session, settings.cassandra_keyspace)
         owners = SessionOwnership(redis, statements, cache_ttl_s=settings.owner_cache_ttl_s)
@@ -234,7 +235,7 @@ async def run_ingress(settings: IngressSettings, stop: asyncio.Event, probes: Pr
         probes.add("kafka", kafka_ready)
         probes.add("redis", redis_ready)
         probes.add("cassandra", cassandra_ready)
-        await consumer.start()
+        await start_when_reachable(consumer, stop, what="ingress consumer")
         try:
             probes.started = True
             log.info("ingress consuming %s as group %s", settings.topic("ingress"), settings.group_id)

@@ -52,7 +52,7 @@ from services.reasoning.settings import ReasoningSettings
 from services.reasoning.turns import ModelUnavailableError, Outputs, TurnEngine, tool_specs_from
 from services.tool_exec.registry import ToolRegistry
 from shared.avro import AvroCodec, CodecError, default_codec
-from shared.cassandra import Statements, connect
+from shared.cassandra import Statements, connect_when_reachable
 from shared.context import SessionState, fold
 from shared.eventlog import EventLog
 from shared.kafka import (
@@ -63,6 +63,7 @@ from shared.kafka import (
     TransactionAbortedError,
     make_consumer,
     poll,
+    start_when_reachable,
 )
 from shared.ratelimit import TokenBucket
 from shared.redis import HotContextStore, make_redis
@@ -521,7 +522,7 @@ async def scan_heads(
 async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes: Probes) -> None:
     codec = default_codec()
     redis = make_redis(settings)
-    cluster, session = connect(settings)
+    cluster, session = await connect_when_reachable(settings, stop)
     statements = Statements(session, settings.cassandra_keyspace)
     triton = make_triton_client(settings)
     model = TritonModel(triton, settings)
@@ -581,7 +582,7 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
 
     inbox = settings.topic("reasoning.inbox")
     consumer.subscribe([inbox], listener=reasoner)
-    await consumer.start()
+    await start_when_reachable(consumer, stop, what="reasoning consumer")
     await _check_partitioning(consumer, settings)
     probes.started = True
     paused = False

@@ -29,7 +29,7 @@ from services.tool_exec.registry import ToolRegistry
 from services.tool_exec.runner import ToolCallRequest, ToolRunner
 from services.tool_exec.settings import ToolExecSettings
 from shared.avro import AvroCodec, CodecError, default_codec
-from shared.cassandra import Statements, connect
+from shared.cassandra import Statements, connect_when_reachable
 from shared.kafka import (
     OffsetWatermark,
     OutRecord,
@@ -38,6 +38,7 @@ from shared.kafka import (
     TransactionAbortedError,
     make_consumer,
     poll,
+    start_when_reachable,
 )
 from shared.service import Probes, client_id, configure_logging, dead_letter, run_service, session_key
 
@@ -180,7 +181,7 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
 
 async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes: Probes) -> None:
     codec = default_codec()
-    cluster, session = connect(settings)
+    cluster, session = await connect_when_reachable(settings, stop)
     statements = Statements(session, settings.cassandra_keyspace)
     registry = ToolRegistry.from_entry_points()
     runner = ToolRunner(
@@ -201,7 +202,7 @@ async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes:
     probes.add("kafka", kafka_ready)
     probes.add("cassandra", cassandra_ready)
     consumer.subscribe([settings.topic("tool.calls")], listener=service)
-    await consumer.start()
+    await start_when_reachable(consumer, stop, what="tool-exec consumer")
     probes.started = True
     paused = False
     try:

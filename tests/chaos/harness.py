@@ -32,7 +32,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.local.services import ServiceReplicas
-from infra.local.stack import Cassandra, Kafka, Redis, StackSettings
+from infra.local.stack import Cassandra, Kafka, Redis, StackSettings, _port_open
 from shared.avro import default_codec
 from shared.kafka import make_producer
 from shared.service import session_key
@@ -264,9 +264,15 @@ class Chaos:
             threshold = min(total, int(total * (0.05 + 0.7 * i / max(1, len(plan)))))
             async with self._progress:
                 await self._progress.wait_for(lambda t=threshold: self.completed >= t or self.finished)
-            running.append(asyncio.create_task(fault()))
+            running.append(asyncio.create_task(self._guarded(fault)))
             await asyncio.sleep(0.5)
         await asyncio.gather(*running)
+
+    async def _guarded(self, fault: Callable[[], Any]) -> None:
+        try:
+            await fault()
+        except Exception as exc:  # a harness failure is reported, it must not hang the run
+            self._record("fault-failed", getattr(fault, "__name__", "fault"), f"{type(exc).__name__}: {exc}")
 
     def _record(self, kind: str, target: str, note: str = "") -> FaultRecord:
         record = FaultRecord(kind, target, round(self._now(), 2), note=note)
@@ -362,9 +368,13 @@ class Chaos:
             pid = server.running_pid()
             if pid is not None:
                 await asyncio.to_thread(_killpg, pid)
-                await asyncio.sleep(0.5)
         else:
             await asyncio.to_thread(server.stop, 60.0)
+        # Start only once the old process is gone and its port is free (a JVM takes a moment).
+        for _ in range(600):
+            if server.running_pid() is None and not _port_open(server.port):
+                break
+            await asyncio.sleep(0.1)
         await asyncio.to_thread(server.start, lambda _msg: None)
         while not await asyncio.to_thread(server.healthy):  # noqa: ASYNC110 - polling another process
             await asyncio.sleep(0.5)
