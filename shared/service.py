@@ -30,6 +30,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from shared.avro import AvroCodec
+from shared.kafka import OutRecord
 from shared.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -175,3 +176,30 @@ async def run_service(
 def client_id(settings: ServiceSettings) -> str:
     """A client id naming the service and this process (for broker logs and quotas)."""
     return f"{settings.service_name}-{socket.gethostname()}-{os.getpid()}"
+
+
+def dead_letter_record(
+    codec: AvroCodec,
+    *,
+    service: str,
+    dlq_topic: str,
+    record: Any,
+    reason_code: str,
+    reason: str,
+    error_type: str | None = None,
+) -> OutRecord:
+    """The DLQ record for a consumed Kafka ``record`` (any object with aiokafka's record fields)."""
+    value = dead_letter(
+        codec,
+        service=service,
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=list(record.headers or ()),
+        reason_code=reason_code,
+        reason=reason,
+        error_type=error_type,
+    )
+    return OutRecord(dlq_topic, value, key=record.key)

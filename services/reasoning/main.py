@@ -67,7 +67,14 @@ from shared.kafka import (
 )
 from shared.ratelimit import TokenBucket
 from shared.redis import HotContextStore, make_redis
-from shared.service import Probes, client_id, configure_logging, dead_letter, run_service, session_key
+from shared.service import (
+    Probes,
+    client_id,
+    configure_logging,
+    dead_letter_record,
+    run_service,
+    session_key,
+)
 from shared.triton import ModelCallError, TritonModel, make_triton_client
 
 log = logging.getLogger("agentbus.reasoning")
@@ -247,20 +254,17 @@ class PartitionWorker:
         self, record: ConsumerRecord, code: str, reason: str, error_type: str | None
     ) -> None:
         deps = self.deps
-        dlq = dead_letter(
-            deps.codec,
-            service=deps.service,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            value=record.value,
-            headers=list(record.headers or ()),
-            reason_code=code,
-            reason=reason,
-            error_type=error_type,
-        )
-        records = [OutRecord(deps.settings.topic("dlq"), dlq, key=record.key)]
+        records = [
+            dead_letter_record(
+                deps.codec,
+                service=deps.service,
+                dlq_topic=deps.settings.topic("dlq"),
+                record=record,
+                reason_code=code,
+                reason=reason,
+                error_type=error_type,
+            )
+        ]
         await deps.txns.commit(self.tp, records, lambda: self._finish_offsets(record.offset))
         self._done(record.offset)
         RECORDS.labels(f"dlq_{code}").inc()

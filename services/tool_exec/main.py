@@ -40,7 +40,14 @@ from shared.kafka import (
     poll,
     start_when_reachable,
 )
-from shared.service import Probes, client_id, configure_logging, dead_letter, run_service, session_key
+from shared.service import (
+    Probes,
+    client_id,
+    configure_logging,
+    dead_letter_record,
+    run_service,
+    session_key,
+)
 
 log = logging.getLogger("agentbus.tool_exec")
 
@@ -163,20 +170,15 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
         return [OutRecord(s.topic("reasoning.inbox"), value, key=key, headers=headers)]
 
     def _dlq(self, record: ConsumerRecord, code: str, reason: str, error_type: str | None) -> OutRecord:
-        value = dead_letter(
+        return dead_letter_record(
             self.codec,
             service=self.settings.service_name,
-            topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            key=record.key,
-            value=record.value,
-            headers=list(record.headers or ()),
+            dlq_topic=self.settings.topic("dlq"),
+            record=record,
             reason_code=code,
             reason=reason,
             error_type=error_type,
         )
-        return OutRecord(self.settings.topic("dlq"), value, key=record.key)
 
 
 async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes: Probes) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -165,9 +166,15 @@ class Client:
         await self.producer.stop()
 
     async def _read(self) -> None:
-        # Survives broker restarts (poll) and anything undecodable: a client must not go deaf.
+        # Survives broker restarts and anything undecodable: a client must not go deaf.
         while True:
-            for records in (await poll(self.consumer, timeout_ms=200)).values():
+            try:
+                batches = await poll(self.consumer, timeout_ms=200)
+            except Exception as exc:  # noqa: BLE001 - e.g. a connection reset mid-fetch
+                print(f"response reader: {type(exc).__name__}: {exc}; continuing", file=sys.stderr)
+                await asyncio.sleep(0.5)
+                continue
+            for records in batches.values():
                 for r in records:
                     try:
                         decoded = self.codec.decode(r.value)
