@@ -64,7 +64,7 @@ class ChaosConfig:
     poison: bool = True
     replay: bool = True
     session_timeout_ms: int = 6000
-    turn_timeout_s: float = 240.0
+    turn_timeout_s: float = 120.0
     seed: int = 7
 
 
@@ -102,6 +102,7 @@ class ChaosResult:
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     injected: list[Injected] = field(default_factory=list)
     wrong_answers: list[str] = field(default_factory=list)
+    late_reads: int = 0  # answers the live reader missed and a re-read from the beginning found
     duration_s: float = 0.0
     groups: dict[str, str] = field(default_factory=dict)
 
@@ -194,8 +195,15 @@ class Chaos:
                 try:
                     reply = await client.reply(message_id, within_s=self.config.turn_timeout_s)
                 except TimeoutError:
-                    self.result.wrong_answers.append(f"{session}: no answer to {text!r}")
-                    return
+                    # Before calling it lost, read the responses topic again from the start: the
+                    # verifier, not this live reader, is the judge of what was published.
+                    await client.rescan()
+                    try:
+                        reply = await client.reply(message_id, within_s=60)
+                        self.result.late_reads += 1
+                    except TimeoutError:
+                        self.result.wrong_answers.append(f"{session}: no answer to {text!r}")
+                        return
                 self.result.answers[message_id] = reply
                 if reply["kind"] != "FINAL" or (expect is not None and expect not in reply["text"]):
                     self.result.wrong_answers.append(

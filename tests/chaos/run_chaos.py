@@ -110,6 +110,7 @@ def summary_row(
         "turns": len(result.sent),
         "answered": len(result.answers),
         "wrong_answers": len(result.wrong_answers),
+        "client_late_reads": result.late_reads,
         "lost": responses["lost"] + responses["lost_turn"],
         "duplicated": responses["duplicated"],
         "dlq": totals.get("dlq_records", 0),

@@ -170,7 +170,7 @@ class Client:
         while True:
             try:
                 batches = await poll(self.consumer, timeout_ms=200)
-            except Exception as exc:  # noqa: BLE001 - e.g. a connection reset mid-fetch
+            except Exception as exc:  # e.g. a connection reset mid-fetch
                 print(f"response reader: {type(exc).__name__}: {exc}; continuing", file=sys.stderr)
                 await asyncio.sleep(0.5)
                 continue
@@ -226,6 +226,12 @@ class Client:
             async with asyncio.timeout(within_s):
                 await waiter
         return self.responses[message_id]
+
+    async def rescan(self) -> None:
+        """Read the responses topic again from the beginning (the reader de-duplicates)."""
+        parts = list(self.consumer.assignment())
+        if parts:
+            await self.consumer.seek_to_beginning(*parts)
 
     async def ask(
         self, tenant: str, session: str, text: str, *, within_s: float = 60.0, **kw: Any
