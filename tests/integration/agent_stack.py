@@ -222,9 +222,11 @@ class Client:
     async def reply(self, message_id: str, within_s: float = 60.0) -> dict[str, Any]:
         """The final response to ``message_id``, waiting up to ``within_s``."""
         if message_id not in self.responses:
-            waiter = self._waiters.setdefault(message_id, asyncio.get_running_loop().create_future())
+            waiter = self._waiters.get(message_id)
+            if waiter is None or waiter.done():
+                waiter = self._waiters[message_id] = asyncio.get_running_loop().create_future()
             async with asyncio.timeout(within_s):
-                await waiter
+                await asyncio.shield(waiter)  # a timeout must not cancel the shared future
         return self.responses[message_id]
 
     async def rescan(self) -> None:
