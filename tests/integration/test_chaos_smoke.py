@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
 from tests.chaos.harness import ChaosConfig
 from tests.chaos.run_chaos import SCENARIOS, run_scenario
 
 
+@pytest.mark.chaos
+@pytest.mark.timeout(900)
 async def test_smoke_chaos_loses_nothing_and_does_nothing_twice() -> None:
     config = dataclasses.replace(ChaosConfig(seed=11), **SCENARIOS["smoke"])
     result, report = await run_scenario(config, partitions=6)
