@@ -16,8 +16,9 @@ epoch and fences the previous owner: its next send or commit fails with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ from shared.settings import KafkaSettings
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "GroupCommitter",
+    "OffsetWatermark",
     "OutRecord",
     "PartitionNotOwnedError",
     "PartitionTransactions",
@@ -292,15 +295,116 @@ class OffsetWatermark:
         self._inflight.add(offset)
         self._next = offset + 1 if self._next is None else max(self._next, offset + 1)
 
-    def commit_point(self, finishing: int | None = None) -> int:
-        """The offset to commit once ``finishing`` is done: the oldest other unfinished one, or the next."""
-        low = min((o for o in self._inflight if o != finishing), default=self._next)
+    def commit_point(self, finishing: int | Collection[int] | None = None) -> int:
+        """The offset to commit once ``finishing`` (one offset or several) is done.
+
+        That is the oldest other unfinished offset, or the next offset after everything added.
+        """
+        if finishing is None:
+            skip: Collection[int] = ()
+        elif isinstance(finishing, int):
+            skip = (finishing,)
+        else:
+            skip = finishing
+        low = min((o for o in self._inflight if o not in skip), default=self._next)
         if low is None:
             raise ValueError("no offset was ever added")
         return low
 
     def done(self, offset: int) -> None:
         self._inflight.discard(offset)
+
+
+class GroupCommitter:
+    """Group commit for one input partition: many finished records, one transaction.
+
+    Records of a partition finish concurrently (different sessions, different tool calls).
+    Each finished record's outputs must be published atomically with the partition's new
+    watermark. Committing one transaction per record caps a partition at one record per
+    transaction round trip (five requests to the broker) and makes a redelivered backlog
+    crawl. Here a finished record joins a queue; one flusher per partition commits
+    everything queued in one transaction, and while that transaction is in flight the
+    next batch gathers. Alone, a record waits for exactly one transaction as before; under
+    load a transaction carries up to ``max_batch`` records.
+
+    The committed offset is the watermark with the whole batch finished, so a batch never
+    commits past a record that is still running, and nothing is marked done unless its
+    transaction committed. A failed transaction fails every record of its batch with the
+    same exception :meth:`PartitionTransactions.commit` raises; nothing of it was published.
+    """
+
+    def __init__(
+        self,
+        txns: PartitionTransactions,
+        tp: TopicPartition,
+        watermark: OffsetWatermark,
+        *,
+        max_batch: int = 500,
+    ) -> None:
+        self.txns = txns
+        self.tp = tp
+        self.watermark = watermark
+        self.max_batch = max(1, max_batch)
+        self._queue: list[tuple[int, Sequence[OutRecord], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.transactions = 0  # committed; with ``records`` it gives the mean batch size
+        self.records = 0
+
+    async def finish(self, offset: int, records: Sequence[OutRecord]) -> None:
+        """Publish ``records`` and mark ``offset`` finished, in one committed transaction.
+
+        Raises:
+            ProducerFenced, PartitionNotOwnedError, TransactionAbortedError: as
+                :meth:`PartitionTransactions.commit`; the record is not finished.
+        """
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((offset, records, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        # Shielded: a caller cancelled while its batch commits must not cancel the others' commit.
+        await asyncio.shield(future)
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch = self._queue[: self.max_batch]
+            del self._queue[: len(batch)]
+            offsets = [offset for offset, _, _ in batch]
+            out = [r for _, records, _ in batch for r in records]
+            try:
+                await self.txns.commit(self.tp, out, self._next_offsets(offsets))
+            except BaseException as exc:
+                # Cancelled by close(): the partition is going away, and that is what callers hear.
+                error = PartitionNotOwnedError(self.tp) if isinstance(exc, asyncio.CancelledError) else exc
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                        future.exception()  # seen here: a cancelled caller must not log it as lost
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            self.transactions += 1
+            self.records += len(batch)
+            for offset, _, future in batch:
+                self.watermark.done(offset)
+                if not future.done():
+                    future.set_result(None)
+
+    def _next_offsets(self, finishing: Sequence[int]) -> Callable[[], Mapping[TopicPartition, int]]:
+        # Evaluated under the partition's commit lock, when the transaction is about to commit.
+        return lambda: {self.tp: self.watermark.commit_point(finishing)}
+
+    async def close(self) -> None:
+        """Stop flushing; records still queued fail with :class:`PartitionNotOwnedError`."""
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None and not flusher.done():
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await flusher
+        queued, self._queue = self._queue, []
+        for _, _, future in queued:
+            if not future.done():
+                future.set_exception(PartitionNotOwnedError(self.tp))
+                future.exception()
 
 
 async def poll(

@@ -118,6 +118,9 @@ class KafkaSettings(Settings):
         "AGENTBUS_KAFKA_MAX_POLL_INTERVAL_MS", 300000, "Longest gap between polls before the group evicts us"
     )
     kafka_max_poll_records: int = setting("AGENTBUS_KAFKA_MAX_POLL_RECORDS", 500, "Records per getmany()")
+    commit_batch: int = setting(
+        "AGENTBUS_COMMIT_BATCH", 500, "Most input records finished in one transaction (group commit)"
+    )
     kafka_linger_ms: int = setting("AGENTBUS_KAFKA_LINGER_MS", 2, "Producer batching delay")
     kafka_compression: str = setting(
         "AGENTBUS_KAFKA_COMPRESSION", "lz4", "Producer compression codec or none"

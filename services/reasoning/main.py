@@ -56,6 +56,7 @@ from shared.cassandra import Statements, connect_when_reachable
 from shared.context import SessionState, fold
 from shared.eventlog import EventLog
 from shared.kafka import (
+    GroupCommitter,
     OffsetWatermark,
     OutRecord,
     PartitionNotOwnedError,
@@ -169,6 +170,7 @@ class PartitionWorker:
         self.tp = tp
         self.heads: dict[tuple[str, str], int] = {}
         self.offsets = OffsetWatermark()
+        self.committer = GroupCommitter(deps.txns, tp, self.offsets, max_batch=deps.settings.commit_batch)
         self.queues: dict[bytes, deque[ConsumerRecord]] = {}
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -199,6 +201,7 @@ class PartitionWorker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.committer.close()
 
     async def drain(self) -> None:
         """Wait for every queued record to finish (graceful stop)."""
@@ -265,15 +268,8 @@ class PartitionWorker:
                 error_type=error_type,
             )
         ]
-        await deps.txns.commit(self.tp, records, lambda: self._finish_offsets(record.offset))
-        self._done(record.offset)
+        await self.committer.finish(record.offset, records)
         RECORDS.labels(f"dlq_{code}").inc()
-
-    def _finish_offsets(self, offset: int) -> dict[TopicPartition, int]:
-        return {self.tp: self.offsets.commit_point(offset)}
-
-    def _done(self, offset: int) -> None:
-        self.offsets.done(offset)
 
     async def _process_once(self, record: ConsumerRecord) -> None:
         deps = self.deps
@@ -296,12 +292,7 @@ class PartitionWorker:
         t_model = time.perf_counter()
         outputs = await engine.handle(state, decoded.name, datum)
         model_time = time.perf_counter() - t_model if outputs.model_calls else 0.0
-        await deps.txns.commit(
-            self.tp,
-            self._records(record, tenant, session, outputs),
-            lambda: self._finish_offsets(record.offset),
-        )
-        self._done(record.offset)
+        await self.committer.finish(record.offset, self._records(record, tenant, session, outputs))
         if outputs.events:
             self.heads[(tenant, session)] = state.seq
             try:
@@ -595,7 +586,6 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
         while not stop.is_set():
             batches = await poll(consumer, timeout_ms=100, max_records=settings.kafka_max_poll_records)
             for tp, records in batches.items():
-                log.debug("fetched %d from %s", len(records), tp)
                 worker = reasoner.worker(tp)
                 if worker is None:
                     continue

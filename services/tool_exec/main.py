@@ -31,6 +31,7 @@ from services.tool_exec.settings import ToolExecSettings
 from shared.avro import AvroCodec, CodecError, default_codec
 from shared.cassandra import Statements, connect_when_reachable
 from shared.kafka import (
+    GroupCommitter,
     OffsetWatermark,
     OutRecord,
     PartitionNotOwnedError,
@@ -58,9 +59,10 @@ SLOTS_IN_USE = Gauge("agentbus_tool_slots_in_use", "Tool calls executing or wait
 class ToolPartition:
     """The calls of one tool.calls partition in flight, and its commit watermark."""
 
-    def __init__(self, tp: TopicPartition) -> None:
+    def __init__(self, tp: TopicPartition, txns: PartitionTransactions, commit_batch: int) -> None:
         self.tp = tp
         self.offsets = OffsetWatermark()
+        self.committer = GroupCommitter(txns, tp, self.offsets, max_batch=commit_batch)
         self.tasks: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
@@ -69,6 +71,7 @@ class ToolPartition:
         for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.committer.close()
 
 
 class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -92,7 +95,8 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in assigned:
             # Revocation dropped any past tenure's state; a part made by submit() since the
             # assignment became visible belongs to this tenure and is kept.
-            self.partitions.setdefault(tp, ToolPartition(tp))
+            if tp not in self.partitions:
+                self.partitions[tp] = self._partition(tp)
         await self.txns.on_partitions_assigned(assigned)
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
@@ -100,6 +104,9 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
         parts = [self.partitions.pop(tp) for tp in revoked if tp in self.partitions]
         await asyncio.gather(*(p.close() for p in parts))
         await self.txns.on_partitions_revoked(revoked)
+
+    def _partition(self, tp: TopicPartition) -> ToolPartition:
+        return ToolPartition(tp, self.txns, self.settings.commit_batch)
 
     @property
     def in_flight(self) -> int:
@@ -112,7 +119,7 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
             if tp not in self.consumer.assignment():
                 return  # fetched just before the partition was revoked: the new owner runs it
             # aiokafka shows a new assignment before the listener has run.
-            part = self.partitions[tp] = ToolPartition(tp)
+            part = self.partitions[tp] = self._partition(tp)
         part.offsets.add(record.offset)
         task = asyncio.create_task(self._handle(part, record))
         part.tasks.add(task)
@@ -125,10 +132,7 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
             delay = 0.1
             while True:
                 try:
-                    await self.txns.commit(
-                        part.tp, outputs, lambda: {part.tp: part.offsets.commit_point(record.offset)}
-                    )
-                    part.offsets.done(record.offset)
+                    await part.committer.finish(record.offset, outputs)
                     return
                 except (ProducerFenced, PartitionNotOwnedError):
                     return  # the partition moved; its new owner re-runs (idempotently)

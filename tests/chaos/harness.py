@@ -104,7 +104,9 @@ class ChaosResult:
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     injected: list[Injected] = field(default_factory=list)
     wrong_answers: list[str] = field(default_factory=list)
-    late_reads: int = 0  # answers the live reader missed and a re-read from the beginning found
+    late_answers: int = 0  # answers published after the client's first wait ran out
+    reader_misses: int = 0  # answers published in time that only a re-read from the start found
+    turn_latencies: list[float] = field(default_factory=list)  # send -> final answer seen, seconds
     duration_s: float = 0.0
     groups: dict[str, str] = field(default_factory=dict)
 
@@ -193,19 +195,26 @@ class Chaos:
                 text, expect = turn_text(index, turn)
                 message_id = uuid.uuid4().hex
                 self.result.sent.append(Expectation("acme", session, message_id, text, expect))
+                sent_at = time.monotonic()
                 await client.send("acme", session, text, message_id=message_id)
                 try:
                     reply = await client.reply(message_id, within_s=self.config.turn_timeout_s)
                 except TimeoutError:
                     # Before calling it lost, read the responses topic again from the start: the
                     # verifier, not this live reader, is the judge of what was published.
+                    gave_up_ms = time.time() * 1000
                     await client.rescan()
                     try:
                         reply = await client.reply(message_id, within_s=60)
-                        self.result.late_reads += 1
                     except TimeoutError:
                         self.result.wrong_answers.append(f"{session}: no answer to {text!r}")
                         return
+                    # Published before the wait ran out yet unseen: the live reader missed it.
+                    if client.published_ms.get(message_id, 0) < gave_up_ms - 1000:
+                        self.result.reader_misses += 1
+                    else:
+                        self.result.late_answers += 1
+                self.result.turn_latencies.append(time.monotonic() - sent_at)
                 self.result.answers[message_id] = reply
                 if reply["kind"] != "FINAL" or (expect is not None and expect not in reply["text"]):
                     self.result.wrong_answers.append(

@@ -110,7 +110,9 @@ def summary_row(
         "turns": len(result.sent),
         "answered": len(result.answers),
         "wrong_answers": len(result.wrong_answers),
-        "client_late_reads": result.late_reads,
+        "client_late_answers": result.late_answers,
+        "client_reader_misses": result.reader_misses,
+        "turn_latency_s": _percentiles(result.turn_latencies),
         "lost": responses["lost"] + responses["lost_turn"],
         "duplicated": responses["duplicated"],
         "dlq": totals.get("dlq_records", 0),
@@ -127,6 +129,17 @@ def summary_row(
     }
 
 
+def _percentiles(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+
+    return {"p50": at(0.5), "p99": at(0.99), "max": round(ordered[-1], 2)}
+
+
 def write_reliability(rows: list[dict[str, Any]]) -> None:
     lines = [
         "# Reliability: effectively-once under faults",
@@ -140,19 +153,21 @@ def write_reliability(rows: list[dict[str, Any]]) -> None:
         "`session.timeout.ms` in the row; heartbeat = timeout / 6).",
         "",
         "| scenario | when | faults injected | sessions | turns | lost | duplicated | seq gaps/dups "
-        "| notify dups | DLQ'd (injected) | failover p50 / max (s) | zombie fenced after (s) | duration (s) "
-        "| ok | reproduce |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| notify dups | DLQ'd (injected) | failover p50 / max (s) | zombie fenced after (s) "
+        "| turn latency p50 / p99 / max (s) | duration (s) | ok | reproduce |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(r["faults"].items()))
         p50 = "-" if r["reasoning_failover_p50_s"] is None else f"{r['reasoning_failover_p50_s']:.1f}"
         worst = "-" if r["reasoning_failover_max_s"] is None else f"{r['reasoning_failover_max_s']:.1f}"
         zombie = "-" if r["zombie_failover_s"] is None else f"{r['zombie_failover_s']:.1f}"
+        lat = r.get("turn_latency_s")
+        latency = "-" if not lat else f"{lat['p50']:.2f} / {lat['p99']:.1f} / {lat['max']:.1f}"
         lines.append(
             f"| {r['scenario']} | {r['when']} | {faults} | {r['sessions']} | {r['turns']} | {r['lost']} "
             f"| {r['duplicated']} | {r['seq_violations']} | {r['notify_duplicates']} | {r['dlq']} "
-            f"({r['dlq_injected']}) | {p50} / {worst} | {zombie} | {r['duration_s']} "
+            f"({r['dlq_injected']}) | {p50} / {worst} | {zombie} | {latency} | {r['duration_s']} "
             f"| {'yes' if r['ok'] else '**no**'} | `{r['command']}` |"
         )
     lines += [

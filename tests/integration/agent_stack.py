@@ -142,6 +142,7 @@ class Client:
     kafka: KafkaSettings
     responses: dict[str, dict[str, Any]] = field(default_factory=dict)
     all_responses: list[dict[str, Any]] = field(default_factory=list)
+    published_ms: dict[str, int] = field(default_factory=dict)  # message_id -> its response's timestamp
     _waiters: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
     async def __aenter__(self) -> Client:
@@ -184,6 +185,7 @@ class Client:
                         self.all_responses.append(decoded.datum)
                         message_id = decoded.datum["message_id"]
                         self.responses.setdefault(message_id, decoded.datum)
+                        self.published_ms.setdefault(message_id, r.timestamp)
                         waiter = self._waiters.pop(message_id, None)
                         if waiter is not None and not waiter.done():
                             waiter.set_result(None)

@@ -10,7 +10,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import ProducerFenced
 
-from shared.kafka import OutRecord, PartitionTransactions, make_consumer, make_producer
+from shared.kafka import (
+    GroupCommitter,
+    OffsetWatermark,
+    OutRecord,
+    PartitionTransactions,
+    make_consumer,
+    make_producer,
+)
 from shared.settings import KafkaSettings
 from shared.topics import DAY_MS, TOPICS, ensure_topics
 
@@ -145,3 +152,47 @@ async def test_new_owner_of_a_partition_fences_the_old_one(topics: KafkaSettings
     finally:
         await reader.stop()
     assert sorted(values) == [b"from-new", b"from-old-before"]
+
+
+async def test_group_commit_publishes_each_output_once_and_commits_the_watermark(
+    topics: KafkaSettings,
+) -> None:
+    """200 records of one partition finishing concurrently: far fewer transactions, nothing lost."""
+    s = topics
+    out = s.topic("events")
+    group = f"{s.topic_prefix}-group-commit"
+    tp = TopicPartition(s.topic("reasoning.inbox"), 2)
+    txns = PartitionTransactions(s, group_id=group, client_id="group-commit")
+    await txns.on_partitions_assigned([tp])
+    watermark = OffsetWatermark()
+    committer = GroupCommitter(txns, tp, watermark, max_batch=64)
+    n = 200
+    for offset in range(n):
+        watermark.add(offset)
+    try:
+
+        async def finish(offset: int) -> None:
+            await asyncio.sleep(0.001 * (offset % 7))  # finish out of order
+            await committer.finish(offset, [OutRecord(out, b"out-%d" % offset, key=b"k", partition=2)])
+
+        await asyncio.gather(*(finish(o) for o in range(n)))
+    finally:
+        await txns.stop()
+    assert committer.records == n
+    assert committer.transactions < n / 4, committer.transactions
+    assert len(watermark) == 0
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=s.kafka_bootstrap)
+    await admin.start()
+    try:
+        committed = await admin.list_consumer_group_offsets(group, partitions=[tp])
+    finally:
+        await admin.close()
+    assert committed[tp].offset == n
+    reader = make_consumer(s, group_id=None, client_id="group-commit-reader", topics=[out])
+    await reader.start()
+    try:
+        values = await _drain(reader, n + 1, within_s=5.0)
+    finally:
+        await reader.stop()
+    assert sorted(values) == sorted(b"out-%d" % o for o in range(n))

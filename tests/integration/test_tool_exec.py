@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import pytest
 from aiohttp import web
 
-from services.tool_exec.idempotency import ToolResultStore, ToolStatus
+from services.tool_exec.idempotency import ClaimOutcome, StoredResult, ToolResultStore, ToolStatus
 from services.tool_exec.registry import ToolRegistry
 from services.tool_exec.runner import ToolCallRequest, ToolRunner
 from services.tool_exec.settings import ToolExecSettings
@@ -207,6 +207,37 @@ async def test_notify_runs_once_under_20_concurrent_executions(
 
     again = await replicas[0].execute(call)  # a redelivered call: the recorded result, not a second send
     assert again.replayed and again.value() == {"notification_id": notification_id}
+    assert len(await _outbox_rows(statements, call.idempotency_key)) == 1
+
+
+class CountingStore(ToolResultStore):
+    """The real store, counting its Paxos (serial) reads and claims."""
+
+    serial_reads = 0
+    claims = 0
+
+    async def get(self, key: str, *, serial: bool = False) -> StoredResult | None:
+        self.serial_reads += serial
+        return await super().get(key, serial=serial)
+
+    async def claim(self, key: str, **kw: Any) -> ClaimOutcome:
+        self.claims += 1
+        return await super().claim(key, **kw)
+
+
+async def test_a_redelivered_irreversible_call_is_answered_without_paxos(
+    registry: ToolRegistry, statements: Statements, settings: ToolExecSettings, run_id: str
+) -> None:
+    store = CountingStore(statements)
+    runner = ToolRunner(registry, store, settings)
+    call = _call(run_id, "notify", {"channel": "ops", "message": "replayed backlog"})
+    first = await runner.execute(call)
+    assert first.status is ToolStatus.OK and not first.replayed
+    assert (store.claims, store.serial_reads) == (1, 1)
+    for _ in range(3):  # a re-seeked group delivers the call again
+        again = await runner.execute(call)
+        assert again.replayed and again.value() == first.value()
+    assert (store.claims, store.serial_reads) == (1, 1)
     assert len(await _outbox_rows(statements, call.idempotency_key)) == 1
 
 

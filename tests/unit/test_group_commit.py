@@ -1,0 +1,117 @@
+"""Group commit and the offset watermark (pure logic; the broker side is in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+
+import pytest
+from aiokafka import TopicPartition
+
+from shared.kafka import (
+    GroupCommitter,
+    OffsetWatermark,
+    OutRecord,
+    PartitionNotOwnedError,
+    TransactionAbortedError,
+)
+
+TP = TopicPartition("inbox", 0)
+
+
+def test_watermark_commits_up_to_the_oldest_unfinished_offset() -> None:
+    w = OffsetWatermark()
+    for offset in (10, 11, 12, 13):
+        w.add(offset)
+    assert w.commit_point(11) == 10
+    assert w.commit_point(10) == 11
+    assert w.commit_point([10, 11]) == 12
+    assert w.commit_point([10, 11, 12, 13]) == 14
+    assert w.commit_point({12, 13}) == 10
+    w.done(10)
+    assert w.commit_point() == 11
+    with pytest.raises(ValueError):
+        OffsetWatermark().commit_point()
+
+
+class RecordingTxns:
+    """Stands in for PartitionTransactions: records each commit; each takes one loop turn."""
+
+    def __init__(self, fail: list[BaseException] | None = None) -> None:
+        self.commits: list[tuple[list[bytes], int]] = []
+        self.fail = fail or []
+
+    async def commit(
+        self,
+        tp: TopicPartition,
+        records: Sequence[OutRecord],
+        next_offsets: Callable[[], Mapping[TopicPartition, int]],
+    ) -> None:
+        await asyncio.sleep(0.01)
+        if self.fail:
+            raise self.fail.pop(0)
+        self.commits.append(([r.value for r in records], next_offsets()[tp]))
+
+
+def _committer(txns: RecordingTxns, watermark: OffsetWatermark, max_batch: int = 500) -> GroupCommitter:
+    return GroupCommitter(txns, TP, watermark, max_batch=max_batch)  # type: ignore[arg-type]
+
+
+async def test_records_finishing_together_share_one_transaction() -> None:
+    w = OffsetWatermark()
+    for offset in range(6):
+        w.add(offset)
+    txns = RecordingTxns()
+    c = _committer(txns, w)
+    # 1, 2, 3 finish while 0 is still running: whatever commits may not pass offset 0.
+    await asyncio.gather(*(c.finish(o, [OutRecord("out", b"r%d" % o)]) for o in (1, 2, 3)))
+    assert [offset for _, offset in txns.commits] == [0] * len(txns.commits)
+    assert len(txns.commits) <= 2  # the first alone, the rest gathered while it was in flight
+    await asyncio.gather(*(c.finish(o, [OutRecord("out", b"r%d" % o)]) for o in (0, 4, 5)))
+    assert txns.commits[-1][1] == 6
+    assert sorted(v for values, _ in txns.commits for v in values) == [b"r%d" % o for o in range(6)]
+    assert len(w) == 0
+    assert c.records == 6 and c.transactions == len(txns.commits)
+
+
+async def test_batches_are_capped() -> None:
+    w = OffsetWatermark()
+    for offset in range(10):
+        w.add(offset)
+    txns = RecordingTxns()
+    c = _committer(txns, w, max_batch=3)
+    await asyncio.gather(*(c.finish(o, []) for o in range(10)))
+    assert all(len(values) == 0 for values, _ in txns.commits)
+    assert c.transactions >= 4 and txns.commits[-1][1] == 10
+
+
+async def test_a_failed_transaction_fails_its_whole_batch_and_finishes_nothing() -> None:
+    w = OffsetWatermark()
+    for offset in range(3):
+        w.add(offset)
+    txns = RecordingTxns(fail=[TransactionAbortedError("timed out")])
+    c = _committer(txns, w)
+    results = await asyncio.gather(*(c.finish(o, []) for o in range(3)), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, TransactionAbortedError)]
+    assert failed, results
+    assert len(w) == len(failed)  # the failed ones are still unfinished: a retry commits them
+    retried = [o for o, r in zip(range(3), results, strict=True) if isinstance(r, BaseException)]
+    await asyncio.gather(*(c.finish(o, []) for o in retried))
+    assert len(w) == 0 and txns.commits[-1][1] == 3
+
+
+async def test_close_fails_queued_records_as_not_owned() -> None:
+    w = OffsetWatermark()
+    w.add(0)
+    w.add(1)
+    txns = RecordingTxns()
+    c = _committer(txns, w)
+    first = asyncio.create_task(c.finish(0, []))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(c.finish(1, []))
+    await asyncio.sleep(0)
+    await c.close()
+    for task in (first, second):
+        with pytest.raises(PartitionNotOwnedError):
+            await task
+    assert len(w) == 2 and not txns.commits
