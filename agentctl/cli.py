@@ -6,6 +6,7 @@
     agentctl sessions [--tenant T]
     agentctl tail [--topic responses|events|dlq|tool.calls|reasoning.inbox|ingress]
                   [--from-beginning] [--max N] [--json]
+    agentctl top [--interval S] [--once] [--targets HOST:PORT,...]
 
 Settings come from the environment (AGENTBUS_KAFKA_BOOTSTRAP, AGENTBUS_TOPIC_PREFIX,
 AGENTBUS_CASSANDRA_*, AGENTBUS_TENANT, AGENTBUS_TENANT_SECRET); flags override them.
@@ -63,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=int, dest="max_records", help="stop after N records")
     p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a record")
     p.add_argument("--json", action="store_true", help="print the decoded records as JSON lines")
+
+    p = sub.add_parser("top", help="lag, load and scaling signal of every service replica (scrapes /metrics)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (default 2)")
+    p.add_argument("--once", action="store_true", help="print one refresh (two scrapes) and exit")
+    p.add_argument(
+        "--targets",
+        help="comma-separated host:port of replicas' HTTP ports (default: the local replicas "
+        "started by `python -m infra.local.services`)",
+    )
     return parser
 
 
@@ -113,7 +123,28 @@ async def _with_statements(cassandra: CassandraSettings, work: Any) -> Any:
         await asyncio.to_thread(cluster.shutdown)
 
 
+async def _top(args: argparse.Namespace) -> int:
+    from agentctl import top
+
+    if args.interval <= 0:
+        return _usage("--interval must be > 0")
+    if args.targets:
+        try:
+            fixed = top.parse_targets(args.targets)
+        except ValueError as exc:
+            return _usage(str(exc))
+
+        def targets() -> list[top.Target]:
+            return fixed
+    else:
+        targets = top.local_targets
+    clear = not args.once and sys.stdout.isatty()
+    return await top.run_top(targets, interval_s=args.interval, once=args.once, out=sys.stdout, clear=clear)
+
+
 async def run(args: argparse.Namespace) -> int:
+    if args.command == "top":
+        return await _top(args)
     ctl = agentctl_settings(args)
     if args.command == "send":
         if not ctl.tenant:

@@ -3,6 +3,10 @@
 ``bucket:{name}`` is a hash of (tokens, updated_ms). A caller takes ``cost`` tokens
 or learns how long to wait. N replicas calling the same bucket together respect
 one rate: this is how the model's rate limit holds across reasoning replicas.
+
+Every take reports the tokens left to :func:`shared.metrics.observe_bucket`, so
+``agentbus_token_bucket_saturation{bucket=name}`` shows how close the limit is to biting
+(1 while a caller of :meth:`TokenBucket.take` waits for a refill).
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ import time
 
 import redis.asyncio as aioredis
 
-# KEYS[1] bucket; ARGV: rate per s, burst, cost, now ms. Returns {granted 0/1, wait ms}.
+from shared.metrics import bucket_waiting, observe_bucket
+
+# KEYS[1] bucket; ARGV: rate per s, burst, cost, now ms. Returns {granted 0/1, wait ms, tokens left}
+# (tokens as a string: Redis would truncate a Lua number to an integer).
 _TAKE = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
@@ -35,7 +42,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(updated))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000.0 / rate) + 60000)
-return {granted, wait}
+return {granted, wait, tostring(tokens)}
 """
 
 
@@ -45,6 +52,7 @@ class TokenBucket:
     def __init__(self, client: aioredis.Redis, name: str, *, rate: float, burst: int) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        self.name = name
         self._key = f"bucket:{name}"
         self._rate = rate
         self._burst = burst
@@ -52,10 +60,12 @@ class TokenBucket:
 
     async def try_take(self, cost: int = 1) -> tuple[bool, float]:
         """Take ``cost`` tokens if there are enough; else (False, seconds to wait)."""
-        granted, wait_ms = await self._script(
+        reply = await self._script(
             keys=[self._key], args=[self._rate, self._burst, cost, int(time.time() * 1000)]
         )
-        return bool(int(granted)), int(wait_ms) / 1000
+        granted, wait_ms = bool(int(reply[0])), int(reply[1])
+        observe_bucket(self.name, tokens=float(reply[2]), rate=self._rate, burst=self._burst, granted=granted)
+        return granted, wait_ms / 1000
 
     async def take(self, cost: int = 1, *, max_wait_s: float = 30.0) -> float:
         """Wait until ``cost`` tokens are granted; returns the seconds waited.
@@ -70,5 +80,6 @@ class TokenBucket:
                 return waited
             if waited + wait_s > max_wait_s:
                 raise TimeoutError(f"{self._key}: no token within {max_wait_s}s")
-            await asyncio.sleep(wait_s)
+            with bucket_waiting(self.name):
+                await asyncio.sleep(wait_s)
             waited += wait_s

@@ -132,6 +132,9 @@ class KafkaSettings(Settings):
     kafka_transaction_timeout_ms: int = setting(
         "AGENTBUS_KAFKA_TRANSACTION_TIMEOUT_MS", 60000, "Broker aborts a transaction left open this long"
     )
+    scale_lag_target: int = setting(
+        "AGENTBUS_SCALE_LAG_TARGET", 1000, "Consumer lag per replica that scaling aims at"
+    )
 
     def topic(self, name: str) -> str:
         """Full topic name of a logical topic (``inbox`` -> ``agentbus.reasoning.inbox``)."""
