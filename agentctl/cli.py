@@ -7,6 +7,7 @@
     agentctl tail [--topic responses|events|dlq|tool.calls|reasoning.inbox|ingress]
                   [--from-beginning] [--max N] [--json]
     agentctl top [--interval S] [--once] [--targets HOST:PORT,...]
+    agentctl trace [--tenant T] [--trace-dir DIR] SESSION [TURN]
 
 Settings come from the environment (AGENTBUS_KAFKA_BOOTSTRAP, AGENTBUS_TOPIC_PREFIX,
 AGENTBUS_CASSANDRA_*, AGENTBUS_TENANT, AGENTBUS_TENANT_SECRET); flags override them.
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max", type=int, dest="max_records", help="stop after N records")
     p.add_argument("--idle-timeout", type=float, help="stop after this many seconds without a record")
     p.add_argument("--json", action="store_true", help="print the decoded records as JSON lines")
+
+    p = sub.add_parser("trace", parents=[common], help="a turn's span tree (default: the last turn)")
+    p.add_argument("session", help="session id")
+    p.add_argument("turn", nargs="?", help="turn id (see `agentctl history`)")
+    p.add_argument("--trace-dir", help="the services' span files (AGENTBUS_TRACE_DIR)")
 
     p = sub.add_parser("top", help="lag, load and scaling signal of every service replica (scrapes /metrics)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes (default 2)")
@@ -142,6 +148,31 @@ async def _top(args: argparse.Namespace) -> int:
     return await top.run_top(targets, interval_s=args.interval, once=args.once, out=sys.stdout, clear=clear)
 
 
+async def _trace(args: argparse.Namespace, tenant: str) -> int:
+    import os
+    from pathlib import Path
+
+    from agentctl import trace
+
+    async def history(statements: Any) -> list[dict[str, Any]]:
+        return await commands.read_history(statements, tenant, args.session)
+
+    events = await _with_statements(cassandra_settings(args), history)
+    turn, trace_ids = trace.turn_trace_ids(events, args.turn)
+    if turn is None or not trace_ids:
+        print(f"no events for session {tenant}/{args.session}" + (f" turn {args.turn}" if args.turn else ""))
+        return 1
+    trace_dir = Path(args.trace_dir or os.environ.get("AGENTBUS_TRACE_DIR") or ".local/traces")
+    spans = await asyncio.to_thread(trace.load_spans, trace_dir, trace_ids)
+    print(f"turn {turn} of {tenant}/{args.session}: trace {', '.join(trace_ids)}")
+    if not spans:
+        print(f"no spans of it under {trace_dir} (exported over OTLP? look the trace id up in Jaeger)")
+        return 1
+    for trace_id in trace_ids:
+        print("\n".join(trace.tree_lines([s for s in spans if s.trace_id == trace_id])))
+    return 0
+
+
 async def run(args: argparse.Namespace) -> int:
     if args.command == "top":
         return await _top(args)
@@ -188,6 +219,8 @@ async def run(args: argparse.Namespace) -> int:
         else:
             print("\n".join(commands.history_lines(ctl.tenant, args.session, events)))
         return 0
+    if args.command == "trace":
+        return await _trace(args, ctl.tenant)
     # sessions
 
     async def sessions(statements: Any) -> list[dict[str, Any]]:

@@ -23,9 +23,10 @@ from cassandra.cluster import (
     Session,
 )
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy, TokenAwarePolicy
-from cassandra.query import PreparedStatement, Statement, dict_factory
+from cassandra.query import BoundStatement, PreparedStatement, Statement, dict_factory
 
 from shared.settings import CassandraSettings
+from shared.telemetry import child_span
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,23 @@ async def execute(
     Raises whatever the driver raises (``cassandra.Unavailable``, ``WriteTimeout``,
     ``OperationTimedOut``, ``InvalidRequest``...): the caller decides what is transient.
     """
+    with child_span("cassandra", attributes={"db.system": "cassandra", "db.statement": _cql(statement)}):
+        return await _execute(session, statement, params)
+
+
+def _cql(statement: str | Statement | PreparedStatement) -> str:
+    if isinstance(statement, str):
+        return statement[:300]
+    if isinstance(statement, BoundStatement):
+        return str(statement.prepared_statement.query_string)[:300]
+    if isinstance(statement, PreparedStatement):
+        return str(statement.query_string)[:300]
+    return str(getattr(statement, "query_string", type(statement).__name__))[:300]
+
+
+async def _execute(
+    session: Session, statement: str | Statement | PreparedStatement, params: Sequence[Any] | None
+) -> list[dict[str, Any]]:
     loop = asyncio.get_running_loop()
     rows: list[dict[str, Any]] = []
     done: asyncio.Future[None] = loop.create_future()

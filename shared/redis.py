@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.settings import RedisSettings
+from shared.telemetry import child_span
 
 __all__ = ["HotContext", "HotContextStore", "context_key", "make_redis"]
 
@@ -78,14 +79,16 @@ class HotContextStore:
         Returns True when written, False when a newer (or equal) context is there: the
         caller is a stale writer and must not overwrite it.
         """
-        written, _current = await self._cas(
-            keys=[context_key(tenant_id, session_id)], args=[seq, data, self._ttl_s]
-        )
+        with child_span("redis", attributes={"db.system": "redis", "db.operation": "EVALSHA ctx-cas"}):
+            written, _current = await self._cas(
+                keys=[context_key(tenant_id, session_id)], args=[seq, data, self._ttl_s]
+            )
         return bool(int(written))
 
     async def get(self, tenant_id: str, session_id: str) -> HotContext | None:
         """The cached context, or None when missing (evicted, expired, wiped)."""
-        seq, data = await self._client.hmget(context_key(tenant_id, session_id), ["seq", "data"])
+        with child_span("redis", attributes={"db.system": "redis", "db.operation": "HMGET ctx"}):
+            seq, data = await self._client.hmget(context_key(tenant_id, session_id), ["seq", "data"])
         if seq is None or data is None:
             return None
         return HotContext(int(seq), data if isinstance(data, bytes) else data.encode())

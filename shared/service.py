@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from shared.avro import AvroCodec
 from shared.kafka import OutRecord
 from shared.settings import ServiceSettings
+from shared.telemetry import configure_tracing, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,7 @@ async def run_service(
     ``body`` must return promptly (within ``shutdown_grace_s``) once ``stop`` is set.
     Returns the process exit code.
     """
+    configure_tracing(settings)
     stop = asyncio.Event()
     probes = Probes()
     loop = asyncio.get_running_loop()
@@ -171,6 +173,7 @@ async def run_service(
     finally:
         stopper.cancel()
         await runner.cleanup()
+        await asyncio.to_thread(shutdown_tracing)
 
 
 def client_id(settings: ServiceSettings) -> str:

@@ -99,6 +99,11 @@ class ServiceSettings(Settings):
     shutdown_grace_s: float = setting(
         "AGENTBUS_SHUTDOWN_GRACE_S", 30.0, "SIGTERM: time to finish in-flight work"
     )
+    trace_dir: str = setting(
+        "AGENTBUS_TRACE_DIR",
+        ".local/traces",
+        "Span files (JSON lines) when OTEL_EXPORTER_OTLP_ENDPOINT is unset; empty: no export",
+    )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from shared.settings import TritonSettings
+from shared.telemetry import mark_error, start_child_span
 
 __all__ = ["ModelCallError", "TritonModel", "make_triton_client"]
 
@@ -101,7 +102,26 @@ class TritonModel:
             yield request
 
         deadline = timeout_s if timeout_s is not None else self._settings.triton_timeout_s
-        responses = self._client.stream_infer(requests(), stream_timeout=deadline)
+        # Not made current: this generator yields into its caller's context.
+        span = start_child_span(
+            "triton.infer",
+            attributes={"rpc.system": "grpc", "model": self.name, "prompt.chars": len(prompt)},
+        )
+        chars = 0
+        try:
+            async for piece in self._stream(requests(), deadline):
+                chars += len(piece)
+                yield piece
+        except ModelCallError as exc:
+            mark_error(span, exc)
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("completion.chars", chars)
+                span.end()
+
+    async def _stream(self, requests: AsyncIterator[dict[str, Any]], deadline: float) -> AsyncIterator[str]:
+        responses = self._client.stream_infer(requests, stream_timeout=deadline)
         try:
             async with asyncio.timeout(deadline):
                 async for result, error in responses:

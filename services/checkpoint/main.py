@@ -45,7 +45,9 @@ from shared.avro import AvroCodec, default_codec
 from shared.cassandra import Statements, connect_when_reachable
 from shared.eventlog import EventLog
 from shared.kafka import make_consumer, make_producer, poll, start_when_reachable
+from shared.metrics import LagMonitor, observe_checkpoint
 from shared.service import Probes, client_id, dead_letter
+from shared.telemetry import mark_error, record_attributes, start_consume_span
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,31 @@ class Checkpointer:
     async def checkpoint(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         """Project ``batch`` and commit it.
 
+        Each record gets a span in its turn's trace (from its ``traceparent``), from the start
+        of the batch until the batch is committed.
+
         Raises:
             BatchFailedError: a write or the commit failed; nothing of the batch is committed.
         """
+        size = sum(len(rs) for rs in batch.values())
+        spans = [
+            start_consume_span(
+                "checkpoint.append", r.headers, attributes={**record_attributes(r), "agentbus.batch": size}
+            )
+            for rs in batch.values()
+            for r in rs
+        ]
+        try:
+            await self._checkpoint(batch)
+        except BaseException as exc:
+            for span in spans:
+                mark_error(span, exc)
+            raise
+        finally:
+            for span in spans:
+                span.end()
+
+    async def _checkpoint(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
         records = [_in_record(r) for rs in batch.values() for r in rs]
         decoded = decode_batch(self._codec, records)
         now = dt.datetime.now(dt.UTC)
@@ -149,6 +173,8 @@ class Checkpointer:
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
             # E.g. the group rebalanced: whoever owns the partitions now re-reads from the last commit.
             raise BatchFailedError("commit", exc) from exc
+        if decoded.events:
+            observe_checkpoint(min(e.occurred_at for e in decoded.events))
 
     async def _snapshot(self, p: SessionProgress, now: dt.datetime) -> int:
         points = snapshot_points(p.first_seq, p.last_seq, self._settings.snapshot_every)
@@ -243,14 +269,19 @@ async def run_checkpoint(settings: CheckpointSettings, stop: asyncio.Event, prob
 
     probes.add("kafka", kafka_ready)
     probes.add("cassandra", cassandra_ready)
+    lag_monitor = LagMonitor(
+        consumer, service=settings.service_name, group=settings.group_id, lag_target=settings.scale_lag_target
+    )
     try:
         await start_when_reachable(producer, stop, what="checkpoint dead-letter producer")
         await start_when_reachable(consumer, stop, what="checkpoint consumer")
+        lag_monitor.start()
         probes.started = True
         checkpointer = Checkpointer(settings, consumer, producer, statements, codec)
         await _loop(settings, consumer, checkpointer, stop)
     finally:
         probes.started = False
+        await lag_monitor.stop()
         for tp in consumer.assignment():
             with contextlib.suppress(KeyError):
                 LAG.remove(str(tp.partition))

@@ -361,10 +361,18 @@ def output_records(
     codec: AvroCodec,
     settings: IngressSettings,
     now: dt.datetime,
+    trace: Sequence[tuple[str, bytes]] | None = None,
 ) -> list[OutRecord]:
-    """What to publish for ``outcome`` (nothing for a duplicate); ``traceparent`` is carried over."""
-    trace = header(source.headers, TRACEPARENT_HEADER)
-    trace_headers: tuple[tuple[str, bytes], ...] = ((TRACEPARENT_HEADER, trace),) if trace is not None else ()
+    """What to publish for ``outcome`` (nothing for a duplicate).
+
+    ``trace``: the trace headers for the outputs (the ingress span's context); without it
+    the source's ``traceparent`` is carried over.
+    """
+    if trace is not None:
+        trace_headers: tuple[tuple[str, bytes], ...] = tuple(trace)
+    else:
+        carried = header(source.headers, TRACEPARENT_HEADER)
+        trace_headers = ((TRACEPARENT_HEADER, carried),) if carried is not None else ()
     match outcome:
         case Forward(turn=turn):
             return [

@@ -43,8 +43,10 @@ from shared.kafka import (
     poll,
     start_when_reachable,
 )
+from shared.metrics import LagMonitor, MeteredLimiter
 from shared.redis import make_redis
 from shared.service import Probes, client_id
+from shared.telemetry import consume_span, mark_error, record_attributes, trace_headers
 
 from .adapters import RedisSeenMessages, RedisTokenBucket, SessionOwnership
 from .handlers import (
@@ -125,23 +127,21 @@ class IngressLoop:
         outputs: list[OutRecord] = []
         failed_at: int | None = None
         for record in records:
-            try:
-                outcome = await self._admission.admit(record.value, list(record.headers), forwarded)
-            except TRANSIENT_ERRORS as exc:
-                log.warning("%s@%d: dependency unavailable (%r); will retry", tp, record.offset, exc)
-                failed_at = record.offset
-                break
-            except Exception as exc:  # a bug on one record must not stop the partition
-                log.exception("%s@%d: handler error; dead-lettering the record", tp, record.offset)
-                outcome = DeadLetter("handler_error", f"{type(exc).__name__}: {exc}", type(exc).__name__)
-            source = Source(
-                record.topic, record.partition, record.offset, record.key, record.value, list(record.headers)
-            )
-            outputs.extend(
-                output_records(
-                    outcome, source, codec=self._codec, settings=self._settings, now=dt.datetime.now(dt.UTC)
-                )
-            )
+            with consume_span("ingress.admit", record.headers, attributes=record_attributes(record)) as span:
+                try:
+                    outcome = await self._admission.admit(record.value, list(record.headers), forwarded)
+                except TRANSIENT_ERRORS as exc:
+                    log.warning("%s@%d: dependency unavailable (%r); will retry", tp, record.offset, exc)
+                    mark_error(span, exc)
+                    failed_at = record.offset
+                    break
+                except Exception as exc:  # a bug on one record must not stop the partition
+                    log.exception("%s@%d: handler error; dead-lettering the record", tp, record.offset)
+                    outcome = DeadLetter("handler_error", f"{type(exc).__name__}: {exc}", type(exc).__name__)
+                span.set_attribute("agentbus.outcome", outcome_name(outcome))
+                if outcome.reason:
+                    span.set_attribute("agentbus.reason", outcome.reason)
+                outputs.extend(self._outputs(record, outcome))
             decided.append((record.offset, outcome))
 
         if decided:
@@ -162,6 +162,14 @@ class IngressLoop:
         if failed_at is not None:
             RETRIES.labels("dependency_unavailable").inc()
             await self._retry_from(tp, failed_at)
+
+    def _outputs(self, record: ConsumerRecord[Any, Any], outcome: Outcome) -> list[OutRecord]:
+        source = Source(
+            record.topic, record.partition, record.offset, record.key, record.value, list(record.headers)
+        )
+        now = dt.datetime.now(dt.UTC)
+        s = self._settings
+        return output_records(outcome, source, codec=self._codec, settings=s, now=now, trace=trace_headers())
 
     async def _remember(self, keys: list[str]) -> None:
         if not keys:
@@ -215,8 +223,9 @@ async def run_ingress(settings: IngressSettings, stop: asyncio.Event, probes: Pr
             limits=Limits(settings.max_record_bytes, settings.max_text_chars),
             owners=owners,
             seen=seen,
-            limiter=RedisTokenBucket(
-                redis, rate_per_s=settings.tenant_rate_per_s, burst=settings.tenant_burst
+            limiter=MeteredLimiter(
+                RedisTokenBucket(redis, rate_per_s=settings.tenant_rate_per_s, burst=settings.tenant_burst),
+                bucket="tenant",
             ),
         )
         consumer = make_consumer(settings, group_id=settings.group_id, client_id=cid)
@@ -236,6 +245,13 @@ async def run_ingress(settings: IngressSettings, stop: asyncio.Event, probes: Pr
         probes.add("redis", redis_ready)
         probes.add("cassandra", cassandra_ready)
         await start_when_reachable(consumer, stop, what="ingress consumer")
+        lag_monitor = LagMonitor(
+            consumer,
+            service=settings.service_name,
+            group=settings.group_id,
+            lag_target=settings.scale_lag_target,
+        )
+        lag_monitor.start()
         try:
             probes.started = True
             log.info("ingress consuming %s as group %s", settings.topic("ingress"), settings.group_id)
@@ -245,6 +261,7 @@ async def run_ingress(settings: IngressSettings, stop: asyncio.Event, probes: Pr
             await loop.run()
         finally:
             probes.started = False
+            await lag_monitor.stop()
             await consumer.stop()  # leaves the group, so the partitions move at once
             await txns.stop()
     finally:

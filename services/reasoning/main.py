@@ -45,6 +45,7 @@ from cassandra import ReadTimeout as CassandraReadTimeout
 from cassandra import Unavailable as CassandraUnavailable
 from cassandra import WriteTimeout as CassandraWriteTimeout
 from cassandra.cluster import NoHostAvailable
+from opentelemetry.trace import Span, SpanKind
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
@@ -66,6 +67,7 @@ from shared.kafka import (
     poll,
     start_when_reachable,
 )
+from shared.metrics import LagMonitor, busy_from_gauge
 from shared.ratelimit import TokenBucket
 from shared.redis import HotContextStore, make_redis
 from shared.service import (
@@ -76,6 +78,7 @@ from shared.service import (
     run_service,
     session_key,
 )
+from shared.telemetry import child_span, consume_span, mark_error, record_attributes, trace_headers
 from shared.triton import ModelCallError, TritonModel, make_triton_client
 
 log = logging.getLogger("agentbus.reasoning")
@@ -140,13 +143,17 @@ class RedisDecisionCache:
 
     async def get(self, tenant_id: str, session_id: str, seq: int) -> str | None:
         try:
-            value = await self._client.get(self._key(tenant_id, session_id, seq))
+            with child_span("redis", attributes={"db.system": "redis", "db.operation": "GET decision"}):
+                value = await self._client.get(self._key(tenant_id, session_id, seq))
         except Exception:  # noqa: BLE001 - a cache miss is always safe
             return None
         return value.decode() if isinstance(value, bytes) else value
 
     async def put(self, tenant_id: str, session_id: str, seq: int, output: str) -> None:
-        with contextlib.suppress(Exception):
+        with (
+            contextlib.suppress(Exception),
+            child_span("redis", attributes={"db.system": "redis", "db.operation": "SET decision"}),
+        ):
             await self._client.set(self._key(tenant_id, session_id, seq), output.encode(), ex=86400)
 
 
@@ -272,6 +279,14 @@ class PartitionWorker:
         RECORDS.labels(f"dlq_{code}").inc()
 
     async def _process_once(self, record: ConsumerRecord) -> None:
+        with consume_span("reasoning.handle", record.headers, attributes=record_attributes(record)) as span:
+            try:
+                await self._handle(record, span)
+            except Exception as exc:
+                mark_error(span, exc)
+                raise
+
+    async def _handle(self, record: ConsumerRecord, span: Span) -> None:
         deps = self.deps
         started = time.perf_counter()
         try:
@@ -281,6 +296,9 @@ class PartitionWorker:
             return
         datum = decoded.datum
         tenant, session = datum["tenant_id"], datum["session_id"]
+        span.set_attribute("agentbus.record", decoded.name)
+        span.set_attribute("agentbus.session", f"{tenant}/{session}")
+        span.set_attribute("agentbus.turn", datum.get("turn_id") or "")
         if record.key != session_key(tenant, session):
             await self._dead_letter(
                 record, "key_mismatch", "record key does not name the record's session", None
@@ -311,7 +329,7 @@ class PartitionWorker:
     ) -> list[OutRecord]:
         s = self.deps.settings
         key = session_key(tenant, session)
-        headers = [(k, v) for k, v in (record.headers or ()) if k == "traceparent"]
+        headers = trace_headers()  # this record's span: the turn's trace continues through it
         out = [
             OutRecord(s.topic("events"), e, key=key, headers=headers, partition=self.tp.partition)
             for e in outputs.events
@@ -529,7 +547,8 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
             MODEL_INFLIGHT.inc()
             try:
                 for attempt in range(settings.model_attempts):
-                    BUCKET_WAIT.inc(await bucket.take(max_wait_s=settings.turn_deadline_s))
+                    with child_span("model.bucket", kind=SpanKind.INTERNAL):
+                        BUCKET_WAIT.inc(await bucket.take(max_wait_s=settings.turn_deadline_s))
                     t0 = time.perf_counter()
                     try:
                         return await model.generate(prompt)
@@ -579,6 +598,14 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
     consumer.subscribe([inbox], listener=reasoner)
     await start_when_reachable(consumer, stop, what="reasoning consumer")
     await _check_partitioning(consumer, settings)
+    lag_monitor = LagMonitor(
+        consumer,
+        service=settings.service_name,
+        group=settings.group_id,
+        lag_target=settings.scale_lag_target,
+        busy=busy_from_gauge("agentbus_reasoning_model_calls_in_flight", settings.max_inflight_model_calls),
+    )
+    lag_monitor.start()
     probes.started = True
     paused = False
     high = settings.max_inflight_model_calls * 8
@@ -608,6 +635,7 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
             async with asyncio.timeout(max(1.0, settings.shutdown_grace_s - 5)):
                 await asyncio.gather(*(w.drain() for w in list(reasoner.workers.values())))
     finally:
+        await lag_monitor.stop()
         await consumer.stop()  # revokes: workers closed, producers stopped; leaves the group
         await txns.stop()
         await triton.close()

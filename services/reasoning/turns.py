@@ -28,6 +28,7 @@ from shared.avro import AvroCodec
 from shared.context import ContextMessage, SessionState, fold_event
 from shared.decision import MalformedDecisionError, parse_decision
 from shared.prompt import Message, ToolSpec, build_prompt
+from shared.telemetry import current_trace_id
 from shared.triton import ModelCallError
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ ModelCall = Callable[[str], Awaitable[str]]
 
 
 def trace_id_for(turn_id: str) -> str:
-    """The W3C trace id of a turn: every service derives the same one from the turn id."""
+    """A trace id derived from the turn id: what an event records when no trace is running."""
     return hashlib.sha256(turn_id.encode()).hexdigest()[:32]
 
 
@@ -96,7 +97,7 @@ class TurnEngine:
             "turn_id": turn_id,
             "event_type": event_type,
             "payload": payload,
-            "trace_id": trace_id_for(turn_id),
+            "trace_id": current_trace_id() or trace_id_for(turn_id),
             "occurred_at": now(),
         }
         out.events.append(self.codec.encode("SessionEvent", datum))

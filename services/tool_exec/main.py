@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
+from opentelemetry.trace import Span
 from prometheus_client import Counter, Gauge
 
 from services.tool_exec.idempotency import ToolResultStore
@@ -41,6 +42,7 @@ from shared.kafka import (
     poll,
     start_when_reachable,
 )
+from shared.metrics import LagMonitor, busy_from_gauge
 from shared.service import (
     Probes,
     client_id,
@@ -49,6 +51,7 @@ from shared.service import (
     run_service,
     session_key,
 )
+from shared.telemetry import consume_span, record_attributes, trace_headers
 
 log = logging.getLogger("agentbus.tool_exec")
 
@@ -126,9 +129,13 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
         task.add_done_callback(part.tasks.discard)
 
     async def _handle(self, part: ToolPartition, record: ConsumerRecord) -> None:
+        with consume_span("tool.execute", record.headers, attributes=record_attributes(record)) as span:
+            await self._handle_in(part, record, span)
+
+    async def _handle_in(self, part: ToolPartition, record: ConsumerRecord, span: Span) -> None:
         SLOTS_IN_USE.inc()
         try:
-            outputs = await self._outputs(record)
+            outputs = await self._outputs(record, span)
             delay = 0.1
             while True:
                 try:
@@ -145,13 +152,17 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
         finally:
             SLOTS_IN_USE.dec()
 
-    async def _outputs(self, record: ConsumerRecord) -> list[OutRecord]:
+    async def _outputs(self, record: ConsumerRecord, span: Span) -> list[OutRecord]:
         s = self.settings
         try:
             decoded = self.codec.decode(record.value, expected="ToolCall")
         except CodecError as exc:
             return [self._dlq(record, exc.reason_code, str(exc), type(exc).__name__)]
         call = ToolCallRequest.from_record(decoded.datum)
+        span.set_attribute("agentbus.tool", call.tool)
+        span.set_attribute("agentbus.session", f"{call.tenant_id}/{call.session_id}")
+        span.set_attribute("agentbus.turn", call.turn_id)
+        span.set_attribute("agentbus.step", call.step)
         delay = 0.2
         while True:
             try:
@@ -168,8 +179,10 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
         CALLS.labels(call.tool, str(view.status)).inc()
+        span.set_attribute("agentbus.tool.status", str(view.status))
+        span.set_attribute("agentbus.tool.replayed", view.replayed)
         value = self.codec.encode("ToolResult", view.as_record(call))
-        headers = [(k, v) for k, v in (record.headers or ()) if k == "traceparent"]
+        headers = trace_headers()
         key = session_key(call.tenant_id, call.session_id)
         return [OutRecord(s.topic("reasoning.inbox"), value, key=key, headers=headers)]
 
@@ -209,6 +222,14 @@ async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes:
     probes.add("cassandra", cassandra_ready)
     consumer.subscribe([settings.topic("tool.calls")], listener=service)
     await start_when_reachable(consumer, stop, what="tool-exec consumer")
+    lag_monitor = LagMonitor(
+        consumer,
+        service=settings.service_name,
+        group=settings.group_id,
+        lag_target=settings.scale_lag_target,
+        busy=busy_from_gauge("agentbus_tool_slots_in_use", settings.slots),
+    )
+    lag_monitor.start()
     probes.started = True
     paused = False
     try:
@@ -231,6 +252,7 @@ async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes:
                 tasks = [t for part in service.partitions.values() for t in part.tasks]
                 await asyncio.gather(*tasks, return_exceptions=True)
     finally:
+        await lag_monitor.stop()
         await consumer.stop()
         await txns.stop()
         cluster.shutdown()

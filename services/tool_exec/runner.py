@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from opentelemetry.trace import SpanKind
+
 from services.tool_exec.artifacts import ArtifactRef, ArtifactStore
 from services.tool_exec.idempotency import (
     StoredResult,
@@ -49,10 +51,12 @@ from services.tool_exec.tools.base import (
     ToolError,
     TransientToolError,
 )
+from shared.telemetry import child_span
 
 __all__ = ["ToolCallRequest", "ToolResultView", "ToolRunner"]
 
 log = logging.getLogger(__name__)
+INTERNAL = SpanKind.INTERNAL
 
 
 def _now() -> dt.datetime:
@@ -335,7 +339,8 @@ class ToolRunner:
             attempt += 1
             try:
                 async with self._limits(tool), asyncio.timeout(limit_s):
-                    result = await tool.run(args, ctx)
+                    with child_span(f"tool {tool.name}", kind=INTERNAL, attributes={"attempt": attempt}):
+                        result = await tool.run(args, ctx)
             except TimeoutError:
                 note = "; an irreversible tool may have acted" if irreversible else ""
                 error = f"timed out after {limit_s:g}s{note}"

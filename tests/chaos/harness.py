@@ -160,6 +160,7 @@ class Chaos:
             "AGENTBUS_SHUTDOWN_GRACE_S": "15",
             "AGENTBUS_TURN_DEADLINE_S": "900",
             "AGENTBUS_LOG_LEVEL": "WARNING",
+            "AGENTBUS_TRACE_DIR": str(home / "traces"),
         }
         self.sup = ServiceReplicas(
             StackSettings(home=str(home)), base_port=self.rng.randrange(20000, 29000, 100), env=env
@@ -511,7 +512,8 @@ class Chaos:
                     committed = await admin.list_consumer_group_offsets(group, partitions=parts)
                     for tp in parts:
                         meta = committed.get(tp)
-                        if meta is None or meta.offset < ends[tp]:
+                        at = meta.offset if meta is not None else 0
+                        if at < ends[tp] and await _records_between(reader, tp, at, ends[tp]):
                             lagging += 1
                 if lagging == 0:
                     return
@@ -519,6 +521,21 @@ class Chaos:
         finally:
             await reader.stop()
             await admin.close()
+
+
+async def _records_between(reader: AIOKafkaConsumer, tp: TopicPartition, start: int, end: int) -> bool:
+    """Whether data records lie in [start, end): a group that committed up to its last
+    record stops at the transaction marker after it, one offset short of the end."""
+    reader.assign([tp])
+    reader.seek(tp, start)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        batches = await reader.getmany(tp, timeout_ms=300)
+        if batches.get(tp):
+            return True
+        if await reader.position(tp) >= end:
+            return False
+    return True
 
 
 def _killpg(pid: int) -> None:

@@ -16,8 +16,7 @@ from tests.chaos.harness import ChaosConfig
 from tests.chaos.run_chaos import SCENARIOS, run_scenario
 
 
-@pytest.mark.chaos
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 async def test_smoke_chaos_loses_nothing_and_does_nothing_twice() -> None:
     config = dataclasses.replace(ChaosConfig(seed=11), **SCENARIOS["smoke"])
     result, report = await run_scenario(config, partitions=6)

@@ -1,0 +1,113 @@
+"""One turn, one trace: spans from ingress, reasoning (with the model call), tool-exec and checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agentctl import cli
+from agentctl.commands import read_history
+from agentctl.trace import Span, load_spans, turn_trace_ids
+from infra.local.services import ServiceReplicas
+from shared.cassandra import Statements
+from shared.settings import CassandraSettings, KafkaSettings
+from tests.integration.agent_stack import Client
+
+SERVICES = {"ingress", "reasoning", "tool-exec", "checkpoint"}
+
+
+async def _wait_for(probe: Callable[[], Any], within_s: float = 30.0) -> Any:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        value = await probe()
+        if value or asyncio.get_running_loop().time() > deadline:
+            return value
+        await asyncio.sleep(0.3)
+
+
+async def test_one_turn_is_one_trace_across_the_four_services(
+    service_processes: Callable[..., ServiceReplicas],
+    topics: KafkaSettings,
+    cassandra_settings: CassandraSettings,
+    statements: Statements,
+    tmp_path: Path,
+) -> None:
+    service_processes(reasoning=1)
+    session = f"traced-{uuid.uuid4().hex[:8]}"
+    async with Client(topics) as client:
+        text = "what is 2+3 then remember that colour is blue"
+        reply = await client.ask("acme", session, text, within_s=90)
+    assert reply["kind"] == "FINAL", reply
+
+    async def final_event() -> list[dict[str, Any]]:
+        events = await read_history(statements, "acme", session)
+        return events if any(e["event_type"] == "RESPONSE_SENT" for e in events) else []
+
+    events = await _wait_for(final_event)
+    assert events, "the checkpoint wrote the turn's events"
+    turn, trace_ids = turn_trace_ids(events, None)
+    assert turn is not None and len(trace_ids) == 1, trace_ids  # every event of the turn, one trace
+    trace_dir = tmp_path / "traces"
+
+    async def spans_of_every_service() -> list[Span]:
+        spans = await asyncio.to_thread(load_spans, trace_dir, trace_ids)
+        checkpointed = sum(s.name == "checkpoint.append" for s in spans)
+        ids = {s.span_id for s in spans}
+        whole = sum(s.parent_id not in ids for s in spans) == 1  # every parent exported too
+        done = {s.service for s in spans} >= SERVICES and checkpointed >= len(events) and whole
+        return spans if done else []
+
+    spans = await _wait_for(spans_of_every_service) or await asyncio.to_thread(
+        load_spans, trace_dir, trace_ids
+    )
+    assert {s.service for s in spans} >= SERVICES, sorted({s.service for s in spans})
+    by_id = {s.span_id: s for s in spans}
+    roots = [s for s in spans if s.parent_id not in by_id]
+    assert [r.name for r in roots] == ["ingress.admit"], [(r.name, r.service) for r in roots]
+
+    def named(name: str) -> list[Span]:
+        return [s for s in spans if s.name == name]
+
+    handled = named("reasoning.handle")
+    records = sorted(str(s.attributes.get("agentbus.record")) for s in handled)
+    assert records == ["ToolResult", "ToolResult", "TurnRequested"], records
+    model_calls = named("triton.infer")
+    assert len(model_calls) == 3  # calculator, kv.put, then the answer
+    assert all(by_id[m.parent_id or ""].name == "reasoning.handle" for m in model_calls)
+    tools = named("tool.execute")
+    assert sorted(str(t.attributes["agentbus.tool"]) for t in tools) == ["calculator", "kv.put"]
+    assert all(t.service == "tool-exec" for t in tools)
+    assert all(by_id[t.parent_id or ""].name == "reasoning.handle" for t in tools)
+    # Each ToolResult continues from the tool-exec span that produced it.
+    results = [h for h in handled if h.attributes.get("agentbus.record") == "ToolResult"]
+    assert all(by_id[h.parent_id or ""].name == "tool.execute" for h in results)
+    appended = named("checkpoint.append")
+    assert len(appended) == len(events)
+    assert all(by_id[a.parent_id or ""].name == "reasoning.handle" for a in appended)
+    # Cassandra and Redis calls made while handling a record are its children.
+    assert {s.attributes.get("db.system") for s in spans} >= {"cassandra", "redis"}
+
+    out = io.StringIO()
+    args = cli.build_parser().parse_args(
+        [
+            "trace",
+            "--tenant",
+            "acme",
+            "--keyspace",
+            cassandra_settings.cassandra_keyspace,
+            "--trace-dir",
+            str(trace_dir),
+            session,
+        ]
+    )
+    with contextlib.redirect_stdout(out):
+        assert await cli.run(args) == 0
+    text = out.getvalue()
+    assert trace_ids[0] in text and "[ingress] ingress.admit" in text
+    assert "[checkpoint] checkpoint.append" in text
+    assert "triton.infer" in text and "tool=calculator" in text
