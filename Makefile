@@ -11,7 +11,7 @@ DEMO_SECRET ?= demo-local-secret
 DEMO_TENANTS := $(CURDIR)/.local/demo-tenants.json
 PYTEST_ARGS ?=
 
-.PHONY: help setup up down status logs bootstrap lint test test-unit demo demo-tenants services-up services-down chaos clean
+.PHONY: help setup up down status logs bootstrap lint test test-unit triton-up demo demo-tenants services-up services-down chaos clean
 
 help:
 	@echo "make setup    install the Python environment, Redis, and the Kafka/Cassandra jars"
@@ -67,7 +67,18 @@ lint: setup
 test-unit: setup
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
-test: up lint
+# AGENTBUS_TESTCONTAINERS=1 make test: Kafka, Cassandra and Redis come from testcontainers
+# (tests/integration/containers.py, needs a Docker engine); only Triton is started locally.
+ifeq ($(AGENTBUS_TESTCONTAINERS),1)
+TEST_SERVERS := triton-up
+else
+TEST_SERVERS := up
+endif
+
+triton-up: setup
+	$(STACK) up triton
+
+test: $(TEST_SERVERS) lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The demo tenant's secret goes to ingress (a secrets file) and to the demo client. The

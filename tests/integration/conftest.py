@@ -4,6 +4,9 @@ The servers are started once, by the project's own launcher, before pytest runs;
 these fixtures fail (never skip) when one does not answer. Each test session gets
 its own Cassandra keyspace, and each test its own topic prefix, so runs never see
 each other's data.
+
+With ``AGENTBUS_TESTCONTAINERS=1`` Kafka, Cassandra and Redis come from testcontainers
+instead (``tests/integration/containers.py``); Triton stays on the local launcher.
 """
 
 from __future__ import annotations
@@ -24,19 +27,56 @@ from shared.cassandra import Statements, connect
 from shared.migrations import apply_migrations
 from shared.settings import CassandraSettings, KafkaSettings, RedisSettings, TritonSettings
 from shared.topics import TOPICS, ensure_topics
+from tests.integration import containers
 from tests.integration.agent_stack import SECRETS
+
+# Tests of the local launcher's own servers (status, restarts): meaningless against containers.
+_LAUNCHER_TESTS = ("tests/integration/test_stack.py",)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    in_containers = containers.requested(os.environ)
     for item in items:
-        if "tests/integration" in str(item.fspath):
-            item.add_marker(pytest.mark.integration)
+        if "tests/integration" not in str(item.fspath):
+            continue
+        item.add_marker(pytest.mark.integration)
+        if in_containers and (
+            str(item.fspath).endswith(_LAUNCHER_TESTS) or item.get_closest_marker("chaos") is not None
+        ):
+            item.add_marker(
+                pytest.mark.skip(reason=f"{containers.FLAG}=1: exercises the local launcher's servers")
+            )
 
 
 @pytest.fixture(scope="session", autouse=True)
-def servers_up() -> None:
+def backing_servers() -> Iterator[containers.Backend]:
+    """Kafka, Cassandra and Redis: the local launcher's (default) or testcontainers' (opt-in).
+
+    In containers mode their ``AGENTBUS_*`` variables are set for the whole session, before any
+    settings object is read, so fixtures, tests and service processes all use the containers.
+    """
+    try:
+        backend = containers.select_backend(os.environ, containers.docker_ping)
+    except containers.ContainersUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    if backend == "local":
+        yield backend
+        return
+    with containers.started_containers() as endpoints, pytest.MonkeyPatch.context() as patch:
+        for name, value in containers.settings_env(endpoints).items():
+            patch.setenv(name, value)
+        yield backend
+
+
+@pytest.fixture(scope="session", autouse=True)
+def servers_up(backing_servers: containers.Backend) -> None:
     settings = StackSettings()
-    down = [name for name, cls in SERVERS.items() if not cls(settings).healthy()]
+    local = (
+        SERVERS
+        if backing_servers == "local"
+        else {name: cls for name, cls in SERVERS.items() if name not in containers.CONTAINERIZED}
+    )
+    down = [name for name, cls in local.items() if not cls(settings).healthy()]
     if down:
         pytest.fail(f"servers not answering: {down}; start them with `make up`", pytrace=False)
 
