@@ -30,8 +30,9 @@ from shared.topics import TOPICS, ensure_topics
 from tests.integration import containers
 from tests.integration.agent_stack import SECRETS
 
-# Tests of the local launcher's own servers (status, restarts): meaningless against containers.
-_LAUNCHER_TESTS = ("tests/integration/test_stack.py",)
+# Tests of the local launcher's own servers (status; the chaos run restarts them): meaningless
+# against containers.
+_LAUNCHER_TESTS = ("tests/integration/test_stack.py", "tests/integration/test_chaos_smoke.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
