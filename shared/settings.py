@@ -179,3 +179,6 @@ class TritonSettings(Settings):
     triton_timeout_s: float = setting("AGENTBUS_TRITON_TIMEOUT_S", 30.0, "Deadline of one generation")
     triton_max_tokens: int = setting("AGENTBUS_TRITON_MAX_TOKENS", 512, "max_tokens sampling parameter")
     triton_temperature: float = setting("AGENTBUS_TRITON_TEMPERATURE", 0.0, "temperature sampling parameter")
+    triton_sampling: str = setting(
+        "AGENTBUS_TRITON_SAMPLING", "", "More sampling parameters, a JSON object merged into every request"
+    )

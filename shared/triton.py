@@ -24,7 +24,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
-from shared.settings import TritonSettings
+from shared.settings import SettingsError, TritonSettings
 from shared.telemetry import mark_error, start_child_span
 
 __all__ = ["ModelCallError", "TritonModel", "make_triton_client"]
@@ -59,6 +59,7 @@ class TritonModel:
     def __init__(self, client: grpcclient.InferenceServerClient, settings: TritonSettings) -> None:
         self._client = client
         self._settings = settings
+        self._extra = extra_sampling(settings)
 
     @property
     def name(self) -> str:
@@ -69,6 +70,7 @@ class TritonModel:
             "max_tokens": self._settings.triton_max_tokens,
             "temperature": self._settings.triton_temperature,
         }
+        params.update(self._extra)
         params.update(overrides or {})
         return params
 
@@ -157,6 +159,24 @@ class TritonModel:
             )
         except InferenceServerException:
             return False
+
+
+def extra_sampling(settings: TritonSettings) -> dict[str, Any]:
+    """``AGENTBUS_TRITON_SAMPLING`` parsed.
+
+    Raises:
+        SettingsError: it is not a JSON object.
+    """
+    text = settings.triton_sampling.strip()
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise SettingsError(f"AGENTBUS_TRITON_SAMPLING is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise SettingsError("AGENTBUS_TRITON_SAMPLING must be a JSON object")
+    return value
 
 
 def _model_error(error: InferenceServerException) -> ModelCallError:

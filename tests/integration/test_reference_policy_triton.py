@@ -45,3 +45,29 @@ async def test_tool_call_then_answer_over_grpc(triton_settings: TritonSettings) 
         assert await model.generate(prompt) == streamed, "deterministic, streamed or not"
     finally:
         await client.close()
+
+
+async def test_latency_ms_delays_answers_without_queueing_them(triton_settings: TritonSettings) -> None:
+    """The model that waits: 20 calls of 300 ms each overlap (a GPU batches; so does this)."""
+    import asyncio
+    import dataclasses
+    import time
+
+    import pytest
+
+    from shared.triton import ModelCallError
+
+    slow = dataclasses.replace(triton_settings, triton_sampling='{"latency_ms": 300}')
+    client = make_triton_client(slow)
+    try:
+        model = TritonModel(client, slow)
+        prompt = build_prompt("sys", [CALCULATOR], [Message("user", "what is 2+3*4")])
+        started = time.perf_counter()
+        answers = await asyncio.gather(*(model.generate(prompt) for _ in range(20)))
+        elapsed = time.perf_counter() - started
+        assert len(set(answers)) == 1 and "calculator" in answers[0]
+        assert 0.3 <= elapsed < 1.5, elapsed  # all 20 waited 300 ms, together
+        with pytest.raises(ModelCallError, match="latency_ms"):
+            await model.generate(prompt, sampling={"latency_ms": -5})
+    finally:
+        await client.close()

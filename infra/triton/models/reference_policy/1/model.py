@@ -8,11 +8,18 @@ responses, otherwise one; the last response carries the FINAL flag.
 
 The decision logic lives in ``policy.py`` beside this file so it can be unit-tested
 without a server.
+
+Latency: the sampling parameter ``latency_ms`` (0..60000) delays the answer by that
+long, as a real model's generation time would. The wait happens on a timer thread
+(a decoupled model may respond from any thread), so requests in flight overlap the
+way they do on a batching GPU server instead of queueing behind each other: this is
+the "model that waits" of the benchmarks.
 """
 
 import json
 import os
 import sys
+import threading
 
 # Triton's embedded interpreter ignores PYTHONPATH; the local launcher names the
 # environment that has numpy in AGENTBUS_MODEL_PYTHONPATH (the NVIDIA image has it already).
@@ -56,23 +63,50 @@ class TritonPythonModel:
                 params = json.loads(params_text)
                 completion = decide(prompt, params)
                 chunks = _chunks(completion) if stream else [completion if exclude_input else prompt + completion]
-                # The last response carries the FINAL flag (as vLLM's backend does), so a client
-                # sees the end without asking for an extra empty response.
-                for i, chunk in enumerate(chunks):
-                    out = pb_utils.Tensor("text_output", np.array([chunk.encode("utf-8")], dtype=np.object_))
-                    last = i == len(chunks) - 1
-                    sender.send(
-                        pb_utils.InferenceResponse(output_tensors=[out]),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0,
-                    )
+                delay_s = _latency_s(params)
             except Exception as exc:  # a bad request gets an error response, never a dead model
-                error = pb_utils.TritonError(f"reference_policy: {type(exc).__name__}: {exc}")
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                _send_error(sender, exc)
+                continue
+            if delay_s > 0:
+                timer = threading.Timer(delay_s, _send_chunks, (sender, chunks))
+                timer.daemon = True
+                timer.start()
+            else:
+                _send_chunks(sender, chunks)
         return None
 
     def finalize(self):
         pass
+
+
+def _latency_s(params):
+    value = params.get("latency_ms", 0) if isinstance(params, dict) else 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 60000:
+        raise ValueError(f"latency_ms must be a number of milliseconds in 0..60000, not {value!r}")
+    return value / 1000.0
+
+
+def _send_chunks(sender, chunks):
+    # The last response carries the FINAL flag (as vLLM's backend does), so a client
+    # sees the end without asking for an extra empty response.
+    try:
+        for i, chunk in enumerate(chunks):
+            out = pb_utils.Tensor("text_output", np.array([chunk.encode("utf-8")], dtype=np.object_))
+            last = i == len(chunks) - 1
+            sender.send(
+                pb_utils.InferenceResponse(output_tensors=[out]),
+                flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if last else 0,
+            )
+    except Exception as exc:  # the client went away: nothing to tell it
+        print(f"reference_policy: sending a response failed: {exc}", file=sys.stderr)
+
+
+def _send_error(sender, exc):
+    error = pb_utils.TritonError(f"reference_policy: {type(exc).__name__}: {exc}")
+    sender.send(
+        pb_utils.InferenceResponse(output_tensors=[], error=error),
+        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    )
 
 
 def _chunks(text, size=48):
