@@ -155,6 +155,9 @@ def service_processes(
         "AGENTBUS_KAFKA_SESSION_TIMEOUT_MS": "6000",
         "AGENTBUS_KAFKA_HEARTBEAT_MS": "1000",
         "AGENTBUS_SHUTDOWN_GRACE_S": "10",
+        # Spans as JSON lines in this test's folder, exported within 0.2 s.
+        "AGENTBUS_TRACE_DIR": str(tmp_path / "traces"),
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     sup = ServiceReplicas(
         StackSettings(home=str(tmp_path)), base_port=random.randrange(20000, 29000, 100), env=env
