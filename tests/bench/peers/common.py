@@ -32,6 +32,7 @@ from typing import Any
 from shared.prompt import Message, ToolSpec, build_prompt
 
 __all__ = [
+    "BENCH_DIR",
     "REPO_ROOT",
     "AgentSpec",
     "MemorySampler",
@@ -43,11 +44,14 @@ __all__ = [
     "format_seconds",
     "free_port",
     "load_agent_spec",
+    "memory_of",
     "percentile",
+    "port_open",
     "render_prompt",
     "run_tool",
     "summarize",
     "tool_message",
+    "wait_until",
     "with_model_latency",
 ]
 

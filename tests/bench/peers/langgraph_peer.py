@@ -25,12 +25,13 @@ from typing import Annotated, Any, Literal, TypedDict
 from langchain_core.runnables import RunnableConfig
 from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
 from langgraph.graph import END, START, StateGraph
+from langgraph.types import RetryPolicy
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from shared.decision import parse_decision
 from shared.settings import TritonSettings
-from shared.triton import TritonModel, make_triton_client
+from shared.triton import ModelCallError, TritonModel, make_triton_client
 from tests.bench.peers.common import (
     AgentSpec,
     MemorySampler,
@@ -69,6 +70,10 @@ class Meter:
         self.tool_calls = 0
 
 
+def _transient(exc: Exception) -> bool:
+    return isinstance(exc, ModelCallError) and exc.transient
+
+
 def build_graph(
     spec: AgentSpec, model: Any, meters: dict[str, Meter]
 ) -> StateGraph[AgentState, Any, AgentState, AgentState]:
@@ -83,8 +88,10 @@ def build_graph(
             raise PeerError(f"turn did not end within {MAX_MODEL_CALLS} model calls")
         prompt = render_prompt(spec, state["messages"])
         t0 = time.perf_counter()
-        completion = await model(prompt)
-        meter.model_s += time.perf_counter() - t0
+        try:
+            completion = await model(prompt)
+        finally:
+            meter.model_s += time.perf_counter() - t0
         meter.model_calls += 1
         decision = parse_decision(completion, spec.tool_names)
         assistant = {"role": "assistant", "content": completion}
@@ -112,7 +119,8 @@ def build_graph(
         return "tools" if state.get("pending") else END
 
     graph = StateGraph(AgentState)
-    graph.add_node("agent", agent)
+    # Transient model errors are retried, as agentbus's reasoning and Restate's ctx.run do.
+    graph.add_node("agent", agent, retry_policy=RetryPolicy(max_attempts=3, retry_on=_transient))
     graph.add_node("tools", tools)
     graph.add_edge(START, "agent")
     graph.add_conditional_edges("agent", route, ["tools", END])
