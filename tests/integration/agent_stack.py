@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,7 @@ class Client:
         message_id: str | None = None,
         policy: str | None = None,
         secret: str | None = None,
+        headers: Sequence[tuple[str, bytes]] = (),
     ) -> str:
         message_id = message_id or uuid.uuid4().hex
         value = self.codec.encode(
@@ -215,9 +216,9 @@ class Client:
         )
         # secret None: the tenant's own; "" sends the message unsigned.
         secret = SECRETS[tenant] if secret is None else secret
-        headers = [("x-agentbus-signature", sign(secret, value).encode())] if secret else []
+        signed = [("x-agentbus-signature", sign(secret, value).encode())] if secret else []
         await self.producer.send_and_wait(
-            self.kafka.topic("ingress"), value, key=session_key(tenant, session), headers=headers
+            self.kafka.topic("ingress"), value, key=session_key(tenant, session), headers=[*signed, *headers]
         )
         return message_id
 
