@@ -31,13 +31,19 @@ log = logging.getLogger(__name__)
 SERVICE = "checkpoint"
 IDLE_EVENT_TYPES = frozenset({"RESPONSE_SENT", "TURN_CANCELLED"})
 
-_INSERT_SESSION = (
-    "INSERT INTO {ks}.sessions (tenant_id, session_id, status, last_seq, last_turn_id, created_at, "
-    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
-)
+# The index row moves forward without Paxos: every cell is written with the write
+# timestamp SEQ_TIMESTAMP_BASE + seq, so a write about an older seq (a replay, a late batch)
+# loses to a newer one cell by cell, and a replay of the same seq writes the same values.
+# The base (2**60 microseconds, year ~38,000) puts these writes above any wall-clock
+# timestamp, so rows written by earlier versions (with LWTs) are overtaken too; a DELETE
+# of an index row therefore needs USING TIMESTAMP above the base as well.
+SEQ_TIMESTAMP_BASE = 1 << 60
 _ADVANCE_SESSION = (
-    "UPDATE {ks}.sessions SET last_seq = ?, last_turn_id = ?, status = ?, updated_at = ? "
-    "WHERE tenant_id = ? AND session_id = ? IF last_seq < ?"
+    "UPDATE {ks}.sessions USING TIMESTAMP ? SET last_seq = ?, last_turn_id = ?, status = ?, updated_at = ? "
+    "WHERE tenant_id = ? AND session_id = ?"
+)
+_CREATE_SESSION = (
+    "UPDATE {ks}.sessions USING TIMESTAMP ? SET created_at = ? WHERE tenant_id = ? AND session_id = ?"
 )
 _LATEST_SNAPSHOT_BEFORE = (
     "SELECT seq, state FROM {ks}.session_snapshots WHERE tenant_id = ? AND session_id = ? AND seq < ? LIMIT 1"
@@ -90,6 +96,8 @@ class SessionProgress:
     last_seq: int
     last_turn_id: str
     status: str  # "idle" after a response or a cancellation, else "running"
+    last_at: dt.datetime | None = None  # occurred_at of the newest event
+    first_at: dt.datetime | None = None  # occurred_at of seq 0, when the batch holds it
 
 
 def decode_batch(codec: AvroCodec, records: Iterable[InRecord]) -> DecodedBatch:
@@ -126,11 +134,14 @@ def session_progress(events: Iterable[StoredEvent]) -> dict[SessionId, SessionPr
     """Per session in the batch: its seq range, and turn and status of its newest event."""
     lows: dict[SessionId, int] = {}
     newest: dict[SessionId, StoredEvent] = {}
+    created: dict[SessionId, dt.datetime] = {}
     for e in events:
         sid = (e.tenant_id, e.session_id)
         lows[sid] = min(e.seq, lows.get(sid, e.seq))
         if sid not in newest or e.seq > newest[sid].seq:
             newest[sid] = e
+        if e.seq == 0:
+            created[sid] = e.occurred_at
     return {
         sid: SessionProgress(
             tenant_id=sid[0],
@@ -139,6 +150,8 @@ def session_progress(events: Iterable[StoredEvent]) -> dict[SessionId, SessionPr
             last_seq=e.seq,
             last_turn_id=e.turn_id,
             status="idle" if e.event_type in IDLE_EVENT_TYPES else "running",
+            last_at=e.occurred_at,
+            first_at=created.get(sid),
         )
         for sid, e in newest.items()
     }
@@ -156,32 +169,22 @@ def snapshot_points(first_seq: int, last_seq: int, every: int) -> list[int]:
     return list(range(max(first_point, every - 1), last_seq + 1, every))
 
 
-async def advance_session(statements: Statements, progress: SessionProgress, now: dt.datetime) -> bool:
-    """Upsert the session's index row so ``last_seq`` only moves forward; True when it changed.
+async def advance_session(statements: Statements, progress: SessionProgress, now: dt.datetime) -> None:
+    """Upsert the session's index row so ``last_seq`` only moves forward (see ``_ADVANCE_SESSION``).
 
-    The conditional UPDATE comes first (one LWT per session and batch once the row exists);
-    a missing row is created with ``IF NOT EXISTS``, and a row another writer created in
-    between is then advanced by the UPDATE once more.
+    ``updated_at`` is the newest event's ``occurred_at`` and ``created_at`` the first event's,
+    so writing the same batch again leaves the row exactly as it was; ``now`` stands in
+    for an event without a time.
 
     Raises whatever the Cassandra driver raises (the caller retries the batch).
     """
     p = progress
-    advance = (p.last_seq, p.last_turn_id, p.status, now, p.tenant_id, p.session_id, p.last_seq)
-    rows = await statements.run(_ADVANCE_SESSION, advance)
-    if _applied(rows):
-        return True
-    if rows and rows[0].get("last_seq") is not None:
-        return False  # the row is already at or past this seq (a replay)
-    rows = await statements.run(
-        _INSERT_SESSION, (p.tenant_id, p.session_id, p.status, p.last_seq, p.last_turn_id, now, now)
-    )
-    if _applied(rows):
-        return True
-    return _applied(await statements.run(_ADVANCE_SESSION, advance))
-
-
-def _applied(rows: Sequence[dict[str, Any]]) -> bool:
-    return bool(rows and rows[0]["[applied]"])
+    stamp = SEQ_TIMESTAMP_BASE + p.last_seq
+    values = (p.last_seq, p.last_turn_id, p.status, p.last_at or now)
+    await statements.run(_ADVANCE_SESSION, (stamp, *values, p.tenant_id, p.session_id))
+    if p.first_seq == 0:
+        created = (SEQ_TIMESTAMP_BASE, p.first_at or now, p.tenant_id, p.session_id)
+        await statements.run(_CREATE_SESSION, created)
 
 
 class SnapshotGapError(RuntimeError):

@@ -11,6 +11,9 @@ class ToolExecSettings(ServiceSettings, KafkaSettings, CassandraSettings, RedisS
     http_port: int = setting("AGENTBUS_HTTP_PORT", 8083, "Port of /healthz, /readyz and /metrics")
     group_id: str = setting("AGENTBUS_TOOL_EXEC_GROUP", "agentbus-tool-exec", "Consumer group of tool.calls")
     slots: int = setting("AGENTBUS_TOOL_SLOTS", 64, "Tool executions in flight per replica")
+    commit_interval_s: float = setting(
+        "AGENTBUS_TOOL_COMMIT_INTERVAL_S", 0.5, "How often finished tool.calls offsets are committed"
+    )
     default_timeout_s: float = setting("AGENTBUS_TOOL_TIMEOUT_S", 30.0, "Timeout of a tool without its own")
     max_attempts: int = setting("AGENTBUS_TOOL_MAX_ATTEMPTS", 3, "Attempts for transient tool errors")
     artifact_threshold_bytes: int = setting(

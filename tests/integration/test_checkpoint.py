@@ -305,7 +305,7 @@ async def test_checkpoint_projects_events_snapshots_and_dead_letters_and_replays
         assert [(r["seq"], r["state"], r["summary"]) for r in after[s]["snapshots"]] == [
             (r["seq"], r["state"], r["summary"]) for r in before[s]["snapshots"]
         ]
-        # Not even updated_at moved: last_seq only goes forward, so the replay's LWTs did not apply.
+        # Not even updated_at moved: the replay wrote the same cells at the same seq timestamps.
         assert after[s]["index"] == before[s]["index"]
 
 
@@ -347,3 +347,39 @@ async def test_a_failing_cassandra_write_is_retried_never_skipped(
         "SELECT seq FROM {ks}.session_snapshots WHERE tenant_id = ? AND session_id = ?", (tenant, "s")
     )
     assert [r["seq"] for r in snaps] == [49]
+
+
+async def test_the_session_index_only_moves_forward_without_lwt(statements: Statements) -> None:
+    from services.checkpoint.handlers import SessionProgress, advance_session
+
+    tenant, session = f"tenant-{uuid.uuid4().hex[:8]}", "s"
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    # A row as the earlier version wrote it: ordinary (wall-clock) write timestamps.
+    await statements.run(
+        "INSERT INTO {ks}.sessions (tenant_id, session_id, status, last_seq, last_turn_id, created_at,"
+        " updated_at) VALUES (?, ?, 'running', 3, 't0', ?, ?)",
+        (tenant, session, t0, t0),
+    )
+
+    def progress(first: int, last: int, turn: str, status: str) -> SessionProgress:
+        at = t0 + dt.timedelta(seconds=last)
+        return SessionProgress(tenant, session, first, last, turn, status, last_at=at, first_at=None)
+
+    async def index() -> dict[str, Any]:
+        rows = await statements.run(
+            "SELECT status, last_seq, last_turn_id, updated_at FROM {ks}.sessions"
+            " WHERE tenant_id = ? AND session_id = ?",
+            (tenant, session),
+        )
+        return rows[0]
+
+    now = dt.datetime.now(dt.UTC)
+    await advance_session(statements, progress(4, 9, "t1", "idle"), now)
+    assert (await index())["last_seq"] == 9  # overtakes the old row
+    await advance_session(statements, progress(4, 7, "t1", "running"), now)  # a late, older batch
+    row = await index()
+    assert (row["last_seq"], row["status"], row["last_turn_id"]) == (9, "idle", "t1")
+    await advance_session(statements, progress(10, 12, "t2", "running"), now)
+    row = await index()
+    assert (row["last_seq"], row["status"], row["last_turn_id"]) == (12, "running", "t2")
+    assert row["updated_at"].replace(tzinfo=dt.UTC) == t0 + dt.timedelta(seconds=12)
