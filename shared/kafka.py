@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
 
 from shared.settings import KafkaSettings
 
@@ -150,6 +150,8 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         # record can arrive while its partition's producer is still starting: commit waits.
         self._opening: dict[TopicPartition, asyncio.Future[None]] = {}
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
+        self._closed: dict[TopicPartition, asyncio.Future[None]] = {}
+        self._deadline_s = settings.kafka_transaction_deadline_ms / 1000
 
     @property
     def partitions(self) -> frozenset[TopicPartition]:
@@ -196,27 +198,46 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
             transactional_id=transactional_id_for(self._group_id, tp),
         )
         try:
-            await producer.start()  # InitProducerId: bumps the epoch, fencing the previous owner
+            # InitProducerId: bumps the epoch, fencing the previous owner. Bounded: a start that
+            # hangs would hold the rebalance listener, and with it the whole consumer.
+            async with asyncio.timeout(self._deadline_s):
+                await producer.start()
         except BaseException as exc:
+            if isinstance(exc, TimeoutError):
+                exc = KafkaTimeoutError(f"starting the producer of {tp} took over {self._deadline_s:.0f}s")
             await producer.stop()
             opening.set_exception(exc)
             opening.exception()  # retrieved here; waiters re-raise it
             raise
         else:
             self._producers[tp] = producer
-            self._locks.setdefault(tp, asyncio.Lock())
+            self._closed[tp] = asyncio.get_running_loop().create_future()
+            self._locks[tp] = asyncio.Lock()  # per producer: an abandoned transaction keeps the old one
             opening.set_result(None)
         finally:
             self._opening.pop(tp, None)
 
     async def _close(self, tp: TopicPartition) -> None:
         producer = self._producers.pop(tp, None)
+        closed = self._closed.pop(tp, None)
+        if closed is not None and not closed.done():
+            closed.set_result(None)  # a commit still waiting on this producer gives up now
         if producer is not None:
             await stop_quietly(producer)
 
+    def _owned(self, tp: TopicPartition) -> bool:
+        return self._consumer is None or tp in self._consumer.assignment()
+
     async def reopen(self, tp: TopicPartition) -> None:
-        """Throw away the partition's producer and start a new one (after an ambiguous error)."""
+        """Throw away the partition's producer and start a new one (after an ambiguous error).
+
+        Raises:
+            PartitionNotOwnedError: ``tp`` is no longer assigned here: starting its producer
+                would fence the partition's new owner.
+        """
         await self._close(tp)
+        if not self._owned(tp):
+            raise PartitionNotOwnedError(tp)
         await self._open(tp)
 
     async def commit(
@@ -227,29 +248,34 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
     ) -> None:
         """Publish ``records`` and commit ``next_offsets`` for this group in one transaction.
 
+        The transaction has a deadline (``kafka_transaction_deadline_ms``) and gives up as soon
+        as the partition's producer is closed (the partition was revoked meanwhile): aiokafka
+        can wait forever on a transaction whose producer stopped or whose coordinator
+        answers no more, and a caller must never hang on it.
+
         Raises:
             ProducerFenced: another replica owns ``tp`` now; drop the work, do not retry.
-            TransactionAbortedError: the transaction was aborted; the input will be redelivered
-                or may be retried by the caller.
-            PartitionNotOwnedError: ``tp`` is not assigned to this consumer.
+            TransactionAbortedError: the transaction was aborted or its outcome is unknown (its
+                producer is replaced); the input will be redelivered or may be retried.
+            PartitionNotOwnedError: ``tp`` is not (or no longer) assigned to this consumer.
         """
         producer = await self.producer(tp)
+        closed = self._closed.get(tp)
+        if closed is None:
+            raise PartitionNotOwnedError(tp)
         sends: list[asyncio.Future[object]] = []
-        async with self._locks[tp]:
+        body = asyncio.create_task(self._transaction(producer, tp, records, next_offsets, sends))
+        try:
+            done, _ = await asyncio.wait(
+                {body, closed}, timeout=self._deadline_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        except BaseException:  # the caller is cancelled: so is its transaction
+            await _abandon(body)
+            raise
+        if body in done:
             try:
-                async with producer.transaction():
-                    for r in records:
-                        sends.append(
-                            await producer.send(
-                                r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
-                            )
-                        )
-                    # A callable is evaluated under the partition's lock, so concurrent sessions of
-                    # one partition commit a watermark that never moves backwards.
-                    offsets = next_offsets() if callable(next_offsets) else next_offsets
-                    await producer.send_offsets_to_transaction(dict(offsets), self._group_id)
-                    if sends:
-                        await asyncio.gather(*sends)
+                body.result()
+                return
             except ProducerFenced:
                 _retrieve(sends)
                 log.warning("producer for %s fenced: another replica owns the partition", tp)
@@ -257,14 +283,64 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
                 raise
             except KafkaError as exc:
                 _retrieve(sends)
-                # An ambiguous outcome (timeout, lost connection): the producer's state is unknown,
-                # so it is replaced rather than reused.
-                log.warning("transaction on %s aborted (%s); re-creating its producer", tp, exc)
-                await self.reopen(tp)
+                # An ambiguous outcome (lost connection...): the producer's state is unknown, so it
+                # is replaced rather than reused.
+                await self._replace(tp, producer, f"aborted ({exc})")
                 raise TransactionAbortedError(str(exc)) from exc
+        await _abandon(body)
+        _retrieve(sends)
+        if closed.done():
+            raise PartitionNotOwnedError(tp)
+        await self._replace(tp, producer, f"still unfinished after {self._deadline_s:.0f}s")
+        raise TransactionAbortedError(f"transaction on {tp} timed out")
+
+    async def _replace(self, tp: TopicPartition, producer: AIOKafkaProducer, why: str) -> None:
+        log.warning("transaction on %s %s; re-creating its producer", tp, why)
+        if self._producers.get(tp) is not producer:
+            raise PartitionNotOwnedError(tp)  # closed or replaced meanwhile
+        await self.reopen(tp)
+
+    async def _transaction(
+        self,
+        producer: AIOKafkaProducer,
+        tp: TopicPartition,
+        records: Sequence[OutRecord],
+        next_offsets: Mapping[TopicPartition, int] | Callable[[], Mapping[TopicPartition, int]],
+        sends: list[asyncio.Future[object]],
+    ) -> None:
+        async with self._locks[tp], producer.transaction():
+            for r in records:
+                sent = await producer.send(
+                    r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
+                )
+                sends.append(sent)
+            # A callable is evaluated under the partition's lock, so concurrent sessions of one
+            # partition commit a watermark that never moves backwards.
+            offsets = next_offsets() if callable(next_offsets) else next_offsets
+            await producer.send_offsets_to_transaction(dict(offsets), self._group_id)
+            if sends:
+                await asyncio.gather(*sends)
 
     async def stop(self) -> None:
         await asyncio.gather(*(self._close(tp) for tp in list(self._producers)))
+
+
+async def _abandon(task: asyncio.Task[None]) -> None:
+    """Cancel a transaction's task and wait a little for it to unwind.
+
+    Cancelling interrupts its current await, but aiokafka's transaction context then aborts,
+    and that abort can wait forever too (a stopped producer): it is cancelled again, a few
+    times, and then left behind. It holds only its own producer's lock (each producer gets
+    a fresh one), so nothing else waits on it.
+    """
+    for _ in range(3):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=1.0)
+        if done:
+            with contextlib.suppress(BaseException):
+                task.result()
+            return
+    log.warning("a cancelled transaction would not unwind; left behind")
 
 
 def _retrieve(futures: Sequence[asyncio.Future[object]]) -> None:

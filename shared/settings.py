@@ -137,6 +137,11 @@ class KafkaSettings(Settings):
     kafka_transaction_timeout_ms: int = setting(
         "AGENTBUS_KAFKA_TRANSACTION_TIMEOUT_MS", 60000, "Broker aborts a transaction left open this long"
     )
+    kafka_transaction_deadline_ms: int = setting(
+        "AGENTBUS_KAFKA_TRANSACTION_DEADLINE_MS",
+        30000,
+        "A transaction (or producer start) not done by then is abandoned and its producer replaced",
+    )
     scale_lag_target: int = setting(
         "AGENTBUS_SCALE_LAG_TARGET", 1000, "Consumer lag per replica that scaling aims at"
     )

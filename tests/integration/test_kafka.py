@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -14,7 +15,9 @@ from shared.kafka import (
     GroupCommitter,
     OffsetWatermark,
     OutRecord,
+    PartitionNotOwnedError,
     PartitionTransactions,
+    TransactionAbortedError,
     make_consumer,
     make_producer,
 )
@@ -196,3 +199,61 @@ async def test_group_commit_publishes_each_output_once_and_commits_the_watermark
     finally:
         await reader.stop()
     assert sorted(values) == sorted(b"out-%d" % o for o in range(n))
+
+
+async def _stuck_transactions(
+    s: KafkaSettings, deadline_ms: int
+) -> tuple[PartitionTransactions, TopicPartition]:
+    """A partition's producer whose transactions never finish, the way aiokafka's can hang when its
+    producer is stopped mid-commit (seen under chaos) or its coordinator stops answering."""
+    settings = dataclasses.replace(s, kafka_transaction_deadline_ms=deadline_ms)
+    tp = TopicPartition(s.topic("reasoning.inbox"), 1)
+    txns = PartitionTransactions(settings, group_id=f"{s.topic_prefix}-stuck", client_id="stuck")
+    await txns.on_partitions_assigned([tp])
+    producer = await txns.producer(tp)
+
+    async def never(*_: object, **__: object) -> None:
+        await asyncio.Event().wait()
+
+    producer.send_offsets_to_transaction = never  # type: ignore[method-assign]
+    return txns, tp
+
+
+async def test_a_commit_stuck_when_its_partition_is_revoked_gives_up_at_once(topics: KafkaSettings) -> None:
+    txns, tp = await _stuck_transactions(topics, deadline_ms=60000)
+    out = OutRecord(topics.topic("events"), b"never", key=b"k")
+    try:
+        commit = asyncio.create_task(txns.commit(tp, [out], {tp: 1}))
+        await asyncio.sleep(0.3)
+        assert not commit.done()
+        started = asyncio.get_running_loop().time()
+        await txns.on_partitions_revoked([tp])
+        with pytest.raises(PartitionNotOwnedError):
+            await commit
+        assert asyncio.get_running_loop().time() - started < 6  # not the 60 s deadline
+    finally:
+        await txns.stop()
+
+
+async def test_a_commit_past_its_deadline_is_abandoned_and_its_producer_replaced(
+    topics: KafkaSettings,
+) -> None:
+    txns, tp = await _stuck_transactions(topics, deadline_ms=1000)
+    out = OutRecord(topics.topic("events"), b"after-the-deadline", key=b"k", partition=1)
+    try:
+        stuck = await txns.producer(tp)
+        with pytest.raises(TransactionAbortedError, match="timed out"):
+            await txns.commit(tp, [out], {tp: 1})
+        fresh = await txns.producer(tp)
+        assert fresh is not stuck  # replaced, never reused
+        await txns.commit(tp, [out], {tp: 1})  # and the new one works
+    finally:
+        await txns.stop()
+    events = [topics.topic("events")]
+    reader = make_consumer(topics, group_id=None, client_id="deadline-reader", topics=events)
+    await reader.start()
+    try:
+        values = await _drain(reader, 2, within_s=5.0)
+    finally:
+        await reader.stop()
+    assert values == [b"after-the-deadline"]  # the abandoned transaction never became visible
