@@ -152,6 +152,7 @@ async def run_service(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     runner = await _serve_http(settings, probes)
     task = asyncio.create_task(body(stop, probes))
     stopper = asyncio.create_task(stop.wait())
@@ -174,6 +175,22 @@ async def run_service(
         stopper.cancel()
         await runner.cleanup()
         await asyncio.to_thread(shutdown_tracing)
+
+
+def dump_tasks(out: Any = None) -> int:
+    """Write every pending asyncio task with its stack to ``out`` (stderr): ``kill -USR1 <pid>``.
+
+    What a hung replica waits on, without stopping it (thread stacks come from py-spy;
+    coroutine stacks only from inside the process). Returns the number of tasks written.
+    """
+    stream = out or sys.stderr
+    tasks = [t for t in asyncio.all_tasks() if not t.done()]
+    stream.write(f"==== {len(tasks)} pending asyncio tasks of pid {os.getpid()}\n")
+    for task in tasks:
+        stream.write(f"---- {task.get_name()}: {task.get_coro()!r}\n")
+        task.print_stack(limit=25, file=stream)
+    stream.flush()
+    return len(tasks)
 
 
 def client_id(settings: ServiceSettings) -> str:
