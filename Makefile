@@ -105,9 +105,15 @@ services-down:
 chaos: up
 	PYTHONPATH=$(CURDIR) $(PY) -m tests.chaos.run_chaos $(CHAOS_ARGS)
 
-# The bounded chaos run on its own (left out of make test while #4 is open).
+# The benchmark (tests/bench): installs the peers (LangGraph + PostgreSQL, Restate), runs every
+# scenario, writes docs/bench/ and the README's table. BENCH_ARGS='--quick' for a short run.
+bench: up
+	bash tests/bench/peers/setup.sh
+	PYTHONPATH=$(CURDIR) $(PY) -m tests.bench.run_bench $(BENCH_ARGS)
+
+# The bounded chaos run on its own (make test runs it too).
 chaos-smoke: up
-	$(VENV)/bin/pytest -m chaos tests/integration/test_chaos_smoke.py
+	$(VENV)/bin/pytest tests/integration/test_chaos_smoke.py
 
 clean: down
 	rm -rf .local

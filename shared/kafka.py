@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerFenced
+from aiokafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, ProducerFenced
 
 from shared.settings import KafkaSettings
 
@@ -151,6 +151,7 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         self._opening: dict[TopicPartition, asyncio.Future[None]] = {}
         self._locks: dict[TopicPartition, asyncio.Lock] = {}
         self._closed: dict[TopicPartition, asyncio.Future[None]] = {}
+        self._assigned: set[TopicPartition] = set()  # by the listener (used without a consumer)
         self._deadline_s = settings.kafka_transaction_deadline_ms / 1000
 
     @property
@@ -165,13 +166,16 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
             PartitionNotOwnedError: ``tp`` is not (or no longer) assigned here.
             KafkaError: its producer failed to start (InitProducerId refused or timed out).
         """
-        if (
-            tp not in self._producers
-            and tp not in self._opening
-            and self._consumer is not None
-            and tp in self._consumer.assignment()
-        ):
-            # Assigned, but the listener has not run yet: open it now (the listener then no-ops).
+        consumer = self._consumer
+        owned = tp in consumer.assignment() if consumer is not None else tp in self._assigned
+        if tp not in self._producers and tp not in self._opening and owned:
+            # Assigned, but the listener has not run yet, or the producer was dropped after a
+            # fencing or an ambiguous error. Starting a producer fences whoever holds the
+            # transactional id, so first prove this consumer is still a member of the current
+            # generation: a zombie (stopped past its session timeout) still lists its old
+            # assignment and must not take the partition back from its new owner.
+            if consumer is not None:
+                await self._confirm_member(tp)
             await self._open(tp)
         opening = self._opening.get(tp)
         if opening is not None:
@@ -181,10 +185,34 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         except KeyError:
             raise PartitionNotOwnedError(tp) from None
 
+    async def _confirm_member(self, tp: TopicPartition) -> None:
+        """An offset commit of ``tp``'s committed offset (no change), which the group coordinator
+        refuses to a member of an old generation.
+
+        Raises:
+            PartitionNotOwnedError: the coordinator refused (this consumer is not a current
+                member, or a rebalance is in progress), or ``tp`` is not assigned here.
+        """
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            committed = await consumer.committed(tp)
+            if committed is None:
+                committed = (await consumer.beginning_offsets([tp]))[tp]
+            await consumer.commit({tp: committed})
+        except (KafkaError, IllegalStateError, AssertionError) as exc:
+            log.warning("not (or no longer) a member owning %s (%s): its producer is not started", tp, exc)
+            raise PartitionNotOwnedError(tp) from exc
+
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        # Called by aiokafka right after this member joined the new generation: no check needed.
+        assigned = list(assigned)
+        self._assigned.update(assigned)
         await asyncio.gather(*(self._open(tp) for tp in assigned))
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        self._assigned.difference_update(revoked)
         await asyncio.gather(*(self._close(tp) for tp in revoked))
 
     async def _open(self, tp: TopicPartition) -> None:
@@ -225,20 +253,10 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         if producer is not None:
             await stop_quietly(producer)
 
-    def _owned(self, tp: TopicPartition) -> bool:
-        return self._consumer is None or tp in self._consumer.assignment()
-
     async def reopen(self, tp: TopicPartition) -> None:
-        """Throw away the partition's producer and start a new one (after an ambiguous error).
-
-        Raises:
-            PartitionNotOwnedError: ``tp`` is no longer assigned here: starting its producer
-                would fence the partition's new owner.
-        """
+        """Throw away the partition's producer; the next :meth:`producer` call starts a new one
+        once this consumer has proved it is still a current member (see :meth:`producer`)."""
         await self._close(tp)
-        if not self._owned(tp):
-            raise PartitionNotOwnedError(tp)
-        await self._open(tp)
 
     async def commit(
         self,
@@ -295,7 +313,12 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         raise TransactionAbortedError(f"transaction on {tp} timed out")
 
     async def _replace(self, tp: TopicPartition, producer: AIOKafkaProducer, why: str) -> None:
-        log.warning("transaction on %s %s; re-creating its producer", tp, why)
+        """Drop a producer whose last transaction has an unknown outcome (never reuse it).
+
+        Its successor is started lazily, after a membership check: a zombie whose commit failed
+        must not fence the partition's real owner by starting a new producer.
+        """
+        log.warning("transaction on %s %s; its producer is replaced", tp, why)
         if self._producers.get(tp) is not producer:
             raise PartitionNotOwnedError(tp)  # closed or replaced meanwhile
         await self.reopen(tp)

@@ -182,6 +182,11 @@ class PartitionWorker:
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
+        # Re-learning heads after a transaction of unknown outcome (see _resync).
+        self._sync_lock = asyncio.Lock()
+        self._failures = 0  # ambiguous commit failures seen
+        self._scanned_through = 0  # failures covered by the last scan
+        self._last_scan: dict[tuple[str, str], int] = {}
         OWNED.labels(str(tp.partition)).set(1)
 
     @property
@@ -239,6 +244,13 @@ class PartitionWorker:
                 return
             except (ProducerFenced, PartitionNotOwnedError):
                 raise
+            except TransactionAbortedError as exc:
+                # The commit's outcome is unknown: it may have been published after all. Before
+                # trying again, learn the session's head again from the events partition.
+                self._failures += 1
+                log.warning("%s@%d: outcome unknown (%s); re-reading heads", self.tp, record.offset, exc)
+                RECORDS.labels("retried").inc()
+                await self._resync(record.key or b"", self._failures)
             except TRANSIENT as exc:
                 # Transient: nothing was published; try the same record again.
                 log.warning(
@@ -259,6 +271,33 @@ class PartitionWorker:
                     return
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
+
+    async def _resync(self, key: bytes, ticket: int) -> None:
+        """After a transaction of unknown outcome: the session's head as a new owner learns it.
+
+        The partition's producer is started again first (after a membership check), which
+        settles the old transaction (committed or aborted); then one scan of the events
+        partition from the checkpoint's offset serves every failure registered before it
+        began. A session found there gets that head; one not found has all its events in
+        Cassandra, so its head comes from the session index on the next load.
+
+        Raises:
+            PartitionNotOwnedError: the partition is no longer ours.
+        """
+        deps = self.deps
+        async with self._sync_lock:
+            if self._scanned_through < ticket:
+                covered = self._failures
+                await deps.txns.producer(self.tp)
+                scanned = await scan_heads(deps.settings, [self.tp.partition], deps.codec)
+                self._last_scan = scanned.get(self.tp.partition, {})
+                self._scanned_through = covered
+        tenant, _, session = key.decode(errors="replace").partition("/")
+        head = self._last_scan.get((tenant, session))
+        if head is None:
+            self.heads.pop((tenant, session), None)
+        else:
+            self.heads[(tenant, session)] = head
 
     async def _dead_letter(
         self, record: ConsumerRecord, code: str, reason: str, error_type: str | None

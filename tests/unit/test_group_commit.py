@@ -115,3 +115,40 @@ async def test_close_fails_queued_records_as_not_owned() -> None:
         with pytest.raises(PartitionNotOwnedError):
             await task
     assert len(w) == 2 and not txns.commits
+
+
+class ZombieConsumer:
+    """A consumer that still lists its old assignment while the coordinator refuses its commits."""
+
+    def __init__(self, tp: TopicPartition) -> None:
+        self.tp = tp
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {self.tp}
+
+    async def committed(self, tp: TopicPartition) -> int:
+        return 41
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        from aiokafka.errors import CommitFailedError
+
+        self.commits.append(offsets)
+        raise CommitFailedError("the group has rebalanced; this member is not part of it")
+
+
+async def test_a_zombie_never_starts_a_producer_that_would_fence_the_new_owner() -> None:
+    from shared.kafka import PartitionTransactions
+    from shared.settings import KafkaSettings
+
+    zombie = ZombieConsumer(TP)
+    txns = PartitionTransactions(
+        KafkaSettings.from_env({}),
+        group_id="g",
+        client_id="zombie",
+        consumer=zombie,  # type: ignore[arg-type]
+    )
+    with pytest.raises(PartitionNotOwnedError):
+        await txns.producer(TP)  # its producer was dropped (fenced): no new one without proof
+    assert zombie.commits == [{TP: 41}]  # the proof asked for: a no-op commit, refused
+    assert txns.partitions == frozenset()
