@@ -255,21 +255,10 @@ class ToolRunner:
                 now=started,
             )
             if claim.won:
-                outcome = await self._attempts(tool, args, ctx, timeout, retry=False)
-                finished = _now()
-                applied = await self.store.complete(
-                    key,
-                    status=outcome.status,
-                    claimed_by=self.replica_id,
-                    output=outcome.output,
-                    artifact_id=outcome.artifact.artifact_id if outcome.artifact else None,
-                    error=outcome.error,
-                    attempts=outcome.attempts,
-                    now=finished,
-                )
-                if not applied:  # nobody else may touch a claimed row; say so loudly if it happened
-                    log.error("tool_results %s: claim of %s lost before completion", key, self.replica_id)
-                return self._view(key, tool.name, outcome, started, finished)
+                # Shielded: once claimed, the call runs to its recorded result even if the caller
+                # is cancelled (a rebalance, a shutdown); cancelled in between, the claim would
+                # stay without a result and every redelivery would answer OUTCOME_UNKNOWN.
+                return await asyncio.shield(self._run_claimed(tool, args, ctx, started, timeout))
             existing = claim.existing
         assert existing is not None
         if not existing.completed:
@@ -287,6 +276,26 @@ class ToolRunner:
             attempts=existing.attempts,
             started_at=started,
         )
+
+    async def _run_claimed(
+        self, tool: Tool, args: dict[str, Any], ctx: ToolContext, started: dt.datetime, limit_s: float
+    ) -> ToolResultView:
+        key = ctx.idempotency_key
+        outcome = await self._attempts(tool, args, ctx, limit_s, retry=False)
+        finished = _now()
+        applied = await self.store.complete(
+            key,
+            status=outcome.status,
+            claimed_by=self.replica_id,
+            output=outcome.output,
+            artifact_id=outcome.artifact.artifact_id if outcome.artifact else None,
+            error=outcome.error,
+            attempts=outcome.attempts,
+            now=finished,
+        )
+        if not applied:  # nobody else may touch a claimed row; say so loudly if it happened
+            log.error("tool_results %s: claim of %s lost before completion", key, self.replica_id)
+        return self._view(key, tool.name, outcome, started, finished)
 
     async def _await_claim(self, claimed: StoredResult, limit_s: float) -> StoredResult:
         """Poll a claimed row for its result, while its claimant may still be running the tool."""

@@ -104,6 +104,7 @@ class ChaosResult:
     answers: dict[str, dict[str, Any]] = field(default_factory=dict)
     injected: list[Injected] = field(default_factory=list)
     wrong_answers: list[str] = field(default_factory=list)
+    outcome_unknown: list[str] = field(default_factory=list)  # notify answered OUTCOME_UNKNOWN
     late_answers: int = 0  # answers published after the client's first wait ran out
     reader_misses: int = 0  # answers published in time that only a re-read from the start found
     turn_latencies: list[float] = field(default_factory=list)  # send -> final answer seen, seconds
@@ -217,7 +218,11 @@ class Chaos:
                         self.result.late_answers += 1
                 self.result.turn_latencies.append(time.monotonic() - sent_at)
                 self.result.answers[message_id] = reply
-                if reply["kind"] != "FINAL" or (expect is not None and expect not in reply["text"]):
+                if reply["kind"] == "FINAL" and "(outcome unknown)" in (reply["text"] or ""):
+                    # Designed: an irreversible call whose claimant died between claim and result
+                    # is reported, never re-run (the verifier checks it ran at most once).
+                    self.result.outcome_unknown.append(f"{session}: {text!r}")
+                elif reply["kind"] != "FINAL" or (expect is not None and expect not in reply["text"]):
                     self.result.wrong_answers.append(
                         f"{session}: {text!r} -> {reply['kind']} {reply['text']!r}"
                     )

@@ -110,6 +110,7 @@ def summary_row(
         "turns": len(result.sent),
         "answered": len(result.answers),
         "wrong_answers": len(result.wrong_answers),
+        "notify_outcome_unknown": len(result.outcome_unknown),
         "client_late_answers": result.late_answers,
         "client_reader_misses": result.reader_misses,
         "turn_latency_s": _percentiles(result.turn_latencies),
@@ -150,12 +151,15 @@ def write_reliability(rows: list[dict[str, Any]]) -> None:
         "message without a final response; *duplicated*: a message with more than one; *DLQ'd*:",
         "dead letters (all of them injected bad records); *failover*: seconds from SIGKILL (or SIGSTOP)",
         "of a reasoning replica until a live replica owns every partition it had (consumer",
-        "`session.timeout.ms` in the row; heartbeat = timeout / 6).",
+        "`session.timeout.ms` in the row; heartbeat = timeout / 6). *Notify outcome unknown*: turns",
+        "whose irreversible `notify` was claimed by a tool-exec replica that was SIGKILLed before it",
+        "recorded the result; by design it is reported, never re-run (the verifier checks at most",
+        "one execution per key).",
         "",
         "| scenario | when | faults injected | sessions | turns | lost | duplicated | seq gaps/dups "
-        "| notify dups | DLQ'd (injected) | failover p50 / max (s) | zombie fenced after (s) "
-        "| turn latency p50 / p99 / max (s) | duration (s) | ok | reproduce |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| notify dups | notify outcome unknown | DLQ'd (injected) | failover p50 / max (s) "
+        "| zombie fenced after (s) | turn latency p50 / p99 / max (s) | duration (s) | ok | reproduce |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(r["faults"].items()))
@@ -166,7 +170,8 @@ def write_reliability(rows: list[dict[str, Any]]) -> None:
         latency = "-" if not lat else f"{lat['p50']:.2f} / {lat['p99']:.1f} / {lat['max']:.1f}"
         lines.append(
             f"| {r['scenario']} | {r['when']} | {faults} | {r['sessions']} | {r['turns']} | {r['lost']} "
-            f"| {r['duplicated']} | {r['seq_violations']} | {r['notify_duplicates']} | {r['dlq']} "
+            f"| {r['duplicated']} | {r['seq_violations']} | {r['notify_duplicates']} "
+            f"| {r.get('notify_outcome_unknown', 0)} | {r['dlq']} "
             f"({r['dlq_injected']}) | {p50} / {worst} | {zombie} | {latency} | {r['duration_s']} "
             f"| {'yes' if r['ok'] else '**no**'} | `{r['command']}` |"
         )

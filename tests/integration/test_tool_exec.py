@@ -83,6 +83,18 @@ class FailsPermanently(Tool):
         raise ToolError("the mail server refused the address")
 
 
+class SlowIrreversible(Tool):
+    name = "test.slow_irreversible"
+    description = "an irreversible call that takes a while"
+    parameters: ClassVar[dict[str, Any]] = {"type": "object"}
+    effect = Effect.IRREVERSIBLE
+    timeout_s = 5.0
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
+        await asyncio.sleep(0.5)
+        return ToolOutput({"sent": True})
+
+
 class Slow(Tool):
     name = "test.slow"
     description = "sleeps past its timeout"
@@ -239,6 +251,27 @@ async def test_a_redelivered_irreversible_call_is_answered_without_paxos(
         assert again.replayed and again.value() == first.value()
     assert (store.claims, store.serial_reads) == (1, 1)
     assert len(await _outbox_rows(statements, call.idempotency_key)) == 1
+
+
+async def test_a_cancelled_caller_does_not_leave_a_claim_without_result(
+    make_runner: RunnerFactory, registry: ToolRegistry, store: ToolResultStore, run_id: str
+) -> None:
+    """A rebalance cancels in-flight calls; a claimed irreversible call still records its result."""
+    registry.register(SlowIrreversible())
+    call = _call(run_id, "test.slow_irreversible", {})
+    task = asyncio.create_task(make_runner().execute(call))
+    await asyncio.sleep(0.2)  # claimed, running
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(40):
+        row = await store.get(call.idempotency_key, serial=True)
+        if row is not None and row.completed:
+            break
+        await asyncio.sleep(0.05)
+    assert row is not None and row.status == "OK" and row.output == '{"sent": true}'
+    again = await make_runner().execute(call)  # the next owner's redelivery: the recorded result
+    assert again.replayed and again.value() == {"sent": True}
 
 
 async def test_a_claim_without_result_is_outcome_unknown_and_not_rerun(
