@@ -493,7 +493,14 @@ class Chaos:
             await consumer.commit({tp: begin[tp] for tp in parts})
         finally:
             await consumer.stop()
-        await asyncio.to_thread(self.sup.start, "tool-exec", self.config.replicas, wait=True, timeout=120)
+        for attempt in range(3):  # a kill fault may hit a replica while it starts
+            try:
+                await asyncio.to_thread(self.sup.start, "tool-exec", self.config.replicas, wait=True, timeout=120)
+                break
+            except Exception as exc:  # noqa: BLE001 - ReplicaStartError; try once more
+                if attempt == 2:
+                    raise
+                print(f"[chaos] tool-exec restart after the replay failed ({exc!r:.200}); again", file=sys.stderr)
         record.recovery_s = round(time.monotonic() - started, 2)
 
     async def _wait_caught_up(self, limit_s: float = 300.0) -> None:
