@@ -495,12 +495,13 @@ class Chaos:
             await consumer.stop()
         for attempt in range(3):  # a kill fault may hit a replica while it starts
             try:
-                await asyncio.to_thread(self.sup.start, "tool-exec", self.config.replicas, wait=True, timeout=120)
+                start = self.sup.start
+                await asyncio.to_thread(start, "tool-exec", self.config.replicas, wait=True, timeout=120)
                 break
-            except Exception as exc:  # noqa: BLE001 - ReplicaStartError; try once more
+            except Exception as exc:  # ReplicaStartError: try once more
                 if attempt == 2:
                     raise
-                print(f"[chaos] tool-exec restart after the replay failed ({exc!r:.200}); again", file=sys.stderr)
+                print(f"[chaos] tool-exec restart after the replay failed ({exc!r:.200})", file=sys.stderr)
         record.recovery_s = round(time.monotonic() - started, 2)
 
     async def _wait_caught_up(self, limit_s: float = 300.0) -> None:
