@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+import grpc  # type: ignore[import-untyped]
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import InferInput, InferRequestedOutput
@@ -124,6 +125,7 @@ class TritonModel:
 
     async def _stream(self, requests: AsyncIterator[dict[str, Any]], deadline: float) -> AsyncIterator[str]:
         responses = self._client.stream_infer(requests, stream_timeout=deadline)
+        ended = False
         try:
             async with asyncio.timeout(deadline):
                 async for result, error in responses:
@@ -133,17 +135,25 @@ class TritonModel:
                     if text is not None:
                         for piece in text.reshape(-1):
                             yield piece.decode("utf-8") if isinstance(piece, bytes) else str(piece)
-                    final = result.get_response().parameters.get("triton_final_response")
-                    if final is not None and final.bool_param:
-                        return
+                # The request stream ended after its one request, so the server ends the RPC right
+                # after the FINAL response: the stream finishes by itself, nothing to cancel.
+                ended = True
         except TimeoutError as exc:
             raise ModelCallError(
                 f"model {self.name} gave no final response within {deadline}s", transient=True
             ) from exc
         except InferenceServerException as exc:
             raise _model_error(exc) from exc
+        except grpc.aio.AioRpcError as exc:  # the server unreachable or gone mid-stream
+            code = exc.code()
+            message = f"model call failed ({code.name}): {exc.details()}"
+            raise ModelCallError(message, transient=code in _TRANSIENT_CODES) from exc
         finally:
-            responses.cancel()
+            if not ended:
+                # Only a stream given up early is cancelled: cancelling one that is completing races
+                # the server's own completion (Triton 2.51 once aborted on it: "ASSERTION FAILED:
+                # prior > 0" in gRPC's sync.cc).
+                responses.cancel()
 
     async def generate(
         self, prompt: str, *, sampling: Mapping[str, Any] | None = None, timeout_s: float | None = None
@@ -159,6 +169,18 @@ class TritonModel:
             )
         except InferenceServerException:
             return False
+
+
+_TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 
 
 def extra_sampling(settings: TritonSettings) -> dict[str, Any]:

@@ -57,3 +57,38 @@ async def test_unknown_model_is_a_clear_non_transient_error(triton_settings: Tri
         assert not info.value.transient
     finally:
         await client.close()
+
+
+async def test_an_unreachable_server_is_a_transient_error(triton_settings: TritonSettings) -> None:
+    """Triton restarting (or gone): reasoning must retry the record, never dead-letter it."""
+    import dataclasses
+    import socket
+
+    import pytest
+
+    from shared.triton import ModelCallError, TritonModel, make_triton_client
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    gone = dataclasses.replace(triton_settings, triton_url=f"127.0.0.1:{port}", triton_timeout_s=5.0)
+    client = make_triton_client(gone)
+    try:
+        with pytest.raises(ModelCallError) as caught:
+            await TritonModel(client, gone).generate("user: hello")
+        assert caught.value.transient, caught.value
+    finally:
+        await client.close()
+
+
+async def test_a_completed_stream_ends_without_being_cancelled(triton_settings: TritonSettings) -> None:
+    from shared.triton import TritonModel, make_triton_client
+
+    client = make_triton_client(triton_settings)
+    try:
+        model = TritonModel(client, triton_settings)
+        answers = [await model.generate("user: what is 2+3") for _ in range(50)]
+        assert len(set(answers)) == 1
+        assert await model.ready()  # the server is still up after 50 streams that ended by themselves
+    finally:
+        await client.close()
