@@ -236,10 +236,10 @@ async def _timed(call: Callable[[], Any], times: int) -> dict[str, float]:
 async def scaling(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     replicas = (1, 2) if quick else (1, 2, 4)
-    sessions = 48 if quick else 160
+    sessions = 48 if quick else 120
     for n in replicas:
         workload = Workload(sessions=sessions, steps=2, concurrency=sessions)
-        deployment = Deployment(reasoning=n, model_latency_ms=100, max_inflight_model_calls=4)
+        deployment = Deployment(reasoning=n, model_latency_ms=MODEL_BOUND_MS, max_inflight_model_calls=4)
         progress = Progress(f"scaling: {n} reasoning")
         result, outcome = await measure(deployment, workload, _home(f"scaling-{n}"), progress=progress)
         out[str(n)] = {
@@ -256,6 +256,9 @@ async def scaling(quick: bool) -> dict[str, Any]:
 
 
 SCENARIOS = ("overhead", "multiplex", "context", "scaling")
+# A model call that waits this long keeps even 4 replicas' CPU well inside 2 cores: the
+# throughput is then set by the model, which is what "model-bound" means here.
+MODEL_BOUND_MS = 500
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,7 +340,7 @@ def table(results: dict[str, Any]) -> list[str]:
         lines.append("")
     if "scaling" in results:
         lines += [
-            "**scaling** (model-bound: 100 ms per call, 4 calls in flight per replica)",
+            f"**scaling** (model-bound: {MODEL_BOUND_MS} ms per call, 4 calls in flight per replica)",
             "",
             "| reasoning replicas | steps/s | model calls/s | speedup | efficiency |",
             "|---|---|---|---|---|",
@@ -414,6 +417,9 @@ def plots(results: dict[str, Any]) -> list[str]:
 
 def write(results: dict[str, Any]) -> None:
     DOCS.mkdir(parents=True, exist_ok=True)
+    previous = DOCS / "results.json"
+    if previous.exists():  # a partial run (--only) keeps the other scenarios' figures
+        results = {**json.loads(previous.read_text()), **results}
     (DOCS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = table(results)
     images = plots(results)
