@@ -160,6 +160,19 @@ class _Consumer(Protocol):
     async def end_offsets(self, partitions: list[Any]) -> dict[Any, int]: ...
 
 
+class _ConsumerSettings(Protocol):
+    """What :meth:`LagMonitor.of` reads from a service's settings."""
+
+    @property
+    def service_name(self) -> str: ...
+
+    @property
+    def group_id(self) -> str: ...
+
+    @property
+    def scale_lag_target(self) -> int: ...
+
+
 class LagMonitor:
     """Exports the consumer lag of every assigned partition and the replica's scaling signal.
 
@@ -180,6 +193,17 @@ class LagMonitor:
         ...
         await monitor.stop()
     """
+
+    @classmethod
+    def of(cls, consumer: Any, settings: _ConsumerSettings, *, busy: BusyFn | None = None) -> LagMonitor:
+        """The monitor of a service's consumer group, from the service's settings."""
+        return cls(
+            consumer,
+            service=settings.service_name,
+            group=settings.group_id,
+            lag_target=settings.scale_lag_target,
+            busy=busy,
+        )
 
     def __init__(
         self,

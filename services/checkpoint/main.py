@@ -269,9 +269,7 @@ async def run_checkpoint(settings: CheckpointSettings, stop: asyncio.Event, prob
 
     probes.add("kafka", kafka_ready)
     probes.add("cassandra", cassandra_ready)
-    lag_monitor = LagMonitor(
-        consumer, service=settings.service_name, group=settings.group_id, lag_target=settings.scale_lag_target
-    )
+    lag_monitor = LagMonitor.of(consumer, settings)
     try:
         await start_when_reachable(producer, stop, what="checkpoint dead-letter producer")
         await start_when_reachable(consumer, stop, what="checkpoint consumer")

@@ -245,12 +245,7 @@ async def run_ingress(settings: IngressSettings, stop: asyncio.Event, probes: Pr
         probes.add("redis", redis_ready)
         probes.add("cassandra", cassandra_ready)
         await start_when_reachable(consumer, stop, what="ingress consumer")
-        lag_monitor = LagMonitor(
-            consumer,
-            service=settings.service_name,
-            group=settings.group_id,
-            lag_target=settings.scale_lag_target,
-        )
+        lag_monitor = LagMonitor.of(consumer, settings)
         lag_monitor.start()
         try:
             probes.started = True

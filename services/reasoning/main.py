@@ -637,13 +637,8 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
     consumer.subscribe([inbox], listener=reasoner)
     await start_when_reachable(consumer, stop, what="reasoning consumer")
     await _check_partitioning(consumer, settings)
-    lag_monitor = LagMonitor(
-        consumer,
-        service=settings.service_name,
-        group=settings.group_id,
-        lag_target=settings.scale_lag_target,
-        busy=busy_from_gauge("agentbus_reasoning_model_calls_in_flight", settings.max_inflight_model_calls),
-    )
+    in_flight = busy_from_gauge("agentbus_reasoning_model_calls_in_flight", settings.max_inflight_model_calls)
+    lag_monitor = LagMonitor.of(consumer, settings, busy=in_flight)
     lag_monitor.start()
     probes.started = True
     paused = False

@@ -287,13 +287,8 @@ async def run_tool_exec(settings: ToolExecSettings, stop: asyncio.Event, probes:
     probes.add("cassandra", cassandra_ready)
     consumer.subscribe([settings.topic("tool.calls")], listener=service)
     await start_when_reachable(consumer, stop, what="tool-exec consumer")
-    lag_monitor = LagMonitor(
-        consumer,
-        service=settings.service_name,
-        group=settings.group_id,
-        lag_target=settings.scale_lag_target,
-        busy=busy_from_gauge("agentbus_tool_slots_in_use", settings.slots),
-    )
+    in_use = busy_from_gauge("agentbus_tool_slots_in_use", settings.slots)
+    lag_monitor = LagMonitor.of(consumer, settings, busy=in_use)
     lag_monitor.start()
     probes.started = True
     paused = False
