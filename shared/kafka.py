@@ -253,11 +253,6 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         if producer is not None:
             await stop_quietly(producer)
 
-    async def reopen(self, tp: TopicPartition) -> None:
-        """Throw away the partition's producer; the next :meth:`producer` call starts a new one
-        once this consumer has proved it is still a current member (see :meth:`producer`)."""
-        await self._close(tp)
-
     async def commit(
         self,
         tp: TopicPartition,
@@ -315,13 +310,13 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _replace(self, tp: TopicPartition, producer: AIOKafkaProducer, why: str) -> None:
         """Drop a producer whose last transaction has an unknown outcome (never reuse it).
 
-        Its successor is started lazily, after a membership check: a zombie whose commit failed
-        must not fence the partition's real owner by starting a new producer.
+        Its successor is started lazily by :meth:`producer`, after a membership check: a zombie
+        whose commit failed must not fence the partition's real owner by starting a new producer.
         """
         log.warning("transaction on %s %s; its producer is replaced", tp, why)
         if self._producers.get(tp) is not producer:
             raise PartitionNotOwnedError(tp)  # closed or replaced meanwhile
-        await self.reopen(tp)
+        await self._close(tp)
 
     async def _transaction(
         self,

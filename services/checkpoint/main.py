@@ -46,7 +46,7 @@ from shared.cassandra import Statements, connect_when_reachable
 from shared.eventlog import EventLog
 from shared.kafka import make_consumer, make_producer, poll, start_when_reachable
 from shared.metrics import LagMonitor, observe_checkpoint
-from shared.service import Probes, client_id, dead_letter
+from shared.service import Probes, client_id, dead_letter_record
 from shared.telemetry import mark_error, record_attributes, start_consume_span
 
 log = logging.getLogger(__name__)
@@ -194,20 +194,16 @@ class Checkpointer:
         for r in rejected:
             rec = r.record
             log.warning("dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, r.reason_code)
-            value = dead_letter(
+            out = dead_letter_record(
                 self._codec,
                 service=SERVICE,
-                topic=rec.topic,
-                partition=rec.partition,
-                offset=rec.offset,
-                key=rec.key,
-                value=rec.value,
-                headers=rec.headers,
+                dlq_topic=dlq,
+                record=rec,
                 reason_code=r.reason_code,
                 reason=r.reason,
                 error_type=r.error_type,
             )
-            sends.append(await self._producer.send(dlq, value, key=rec.key))
+            sends.append(await self._producer.send(out.topic, out.value, key=out.key))
         if sends:
             await asyncio.gather(*sends)
 
