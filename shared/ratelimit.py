@@ -7,24 +7,32 @@ one rate: this is how the model's rate limit holds across reasoning replicas.
 Every take reports the tokens left to :func:`shared.metrics.observe_bucket`, so
 ``agentbus_token_bucket_saturation{bucket=name}`` shows how close the limit is to biting
 (1 while a caller of :meth:`TokenBucket.take` waits for a refill).
+
+Callers of :meth:`TokenBucket.take` in one process share round trips: while one call to
+Redis is in flight the others queue, and the next call asks for all of them at once
+(granting as many as the bucket holds, oldest first). Under load a replica then pays one
+script call per batch of model calls instead of one per call; the shared limit is the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from shared.metrics import bucket_waiting, observe_bucket
 
-# KEYS[1] bucket; ARGV: rate per s, burst, cost, now ms. Returns {granted 0/1, wait ms, tokens left}
-# (tokens as a string: Redis would truncate a Lua number to an integer).
+# KEYS[1] bucket; ARGV: rate per s, burst, cost, now ms, least. Takes as many whole tokens as
+# it holds up to ``cost``, or none if that is below ``least``. Returns {tokens granted, wait ms
+# for ``least``, tokens left} (tokens left as a string: Redis would truncate a Lua number).
 _TAKE = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
 local now = tonumber(ARGV[4])
+local least = tonumber(ARGV[5]) or cost
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
 local tokens = tonumber(state[1]) or burst
 local updated = tonumber(state[2]) or now
@@ -32,18 +40,27 @@ if now > updated then
   tokens = math.min(burst, tokens + (now - updated) * rate / 1000.0)
   updated = now
 end
-local granted = 0
+local granted = math.min(cost, math.floor(tokens))
 local wait = 0
-if tokens >= cost then
-  tokens = tokens - cost
-  granted = 1
+if granted >= least then
+  tokens = tokens - granted
 else
-  wait = math.ceil((cost - tokens) * 1000.0 / rate)
+  granted = 0
+  wait = math.ceil((least - tokens) * 1000.0 / rate)
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'updated', tostring(updated))
 redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000.0 / rate) + 60000)
 return {granted, wait, tostring(tokens)}
 """
+
+
+@dataclass
+class _Want:
+    cost: int
+    future: asyncio.Future[float]
+    queued_at: float
+    deadline: float
+    asked: int = field(default=0)  # script calls made while it waited
 
 
 class TokenBucket:
@@ -57,29 +74,85 @@ class TokenBucket:
         self._rate = rate
         self._burst = burst
         self._script = client.register_script(_TAKE)
+        self._queue: list[_Want] = []
+        self._server: asyncio.Task[None] | None = None
+        self.script_calls = 0
+
+    async def _call(self, cost: int, least: int) -> tuple[int, float]:
+        self.script_calls += 1
+        reply = await self._script(
+            keys=[self._key], args=[self._rate, self._burst, cost, int(time.time() * 1000), least]
+        )
+        granted, wait_ms = int(reply[0]), int(reply[1])
+        observe_bucket(
+            self.name, tokens=float(reply[2]), rate=self._rate, burst=self._burst, granted=granted >= least
+        )
+        return granted, wait_ms / 1000
 
     async def try_take(self, cost: int = 1) -> tuple[bool, float]:
         """Take ``cost`` tokens if there are enough; else (False, seconds to wait)."""
-        reply = await self._script(
-            keys=[self._key], args=[self._rate, self._burst, cost, int(time.time() * 1000)]
-        )
-        granted, wait_ms = bool(int(reply[0])), int(reply[1])
-        observe_bucket(self.name, tokens=float(reply[2]), rate=self._rate, burst=self._burst, granted=granted)
-        return granted, wait_ms / 1000
+        granted, wait_s = await self._call(cost, cost)
+        return granted >= cost, wait_s
 
     async def take(self, cost: int = 1, *, max_wait_s: float = 30.0) -> float:
-        """Wait until ``cost`` tokens are granted; returns the seconds waited.
+        """Wait until ``cost`` tokens are granted; returns the seconds waited for a refill.
 
         Raises:
             TimeoutError: not granted within ``max_wait_s``.
+            ValueError: ``cost`` is above the bucket's burst (it could never be granted).
+            redis.RedisError: Redis failed (for every caller queued with this one).
         """
-        waited = 0.0
+        if cost > self._burst:
+            raise ValueError(f"{self._key}: cost {cost} is above the burst {self._burst}")
+        loop = asyncio.get_running_loop()
+        want = _Want(cost, loop.create_future(), loop.time(), loop.time() + max_wait_s)
+        self._queue.append(want)
+        if self._server is None or self._server.done():
+            self._server = loop.create_task(self._serve())
+        return await want.future
+
+    async def _serve(self) -> None:
+        """Grant the queued takes, oldest first, one script call for as many as fit in a burst."""
+        loop = asyncio.get_running_loop()
         while True:
-            granted, wait_s = await self.try_take(cost)
-            if granted:
-                return waited
-            if waited + wait_s > max_wait_s:
-                raise TimeoutError(f"{self._key}: no token within {max_wait_s}s")
-            with bucket_waiting(self.name):
-                await asyncio.sleep(wait_s)
-            waited += wait_s
+            now = loop.time()
+            live: list[_Want] = []
+            for want in self._queue:
+                if want.future.done():
+                    continue  # its caller was cancelled
+                if now > want.deadline:
+                    want.future.set_exception(TimeoutError(f"{self._key}: no token within the deadline"))
+                    continue
+                live.append(want)
+            self._queue = live
+            if not live:
+                return
+            batch, total = [], 0
+            for want in live:
+                if total + want.cost > self._burst:
+                    break
+                batch.append(want)
+                total += want.cost
+            try:
+                granted, wait_s = await self._call(total, batch[0].cost)
+            except BaseException as exc:
+                for want in batch:
+                    if not want.future.done():
+                        want.future.set_exception(exc)
+                        want.future.exception()  # retrieved: its caller may be gone
+                self._queue = [w for w in self._queue if w not in batch]
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            done = loop.time()
+            for want in batch:
+                want.asked += 1
+                if want.cost > granted:
+                    break  # oldest first: later (smaller) ones wait their turn too
+                granted -= want.cost
+                if not want.future.done():
+                    want.future.set_result(0.0 if want.asked == 1 else done - want.queued_at)
+                self._queue.remove(want)
+            if wait_s > 0 and self._queue:
+                with bucket_waiting(self.name):
+                    await asyncio.sleep(min(wait_s, max(0.0, min(w.deadline for w in self._queue) - done)))

@@ -8,9 +8,15 @@ never move a session's context backwards.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from prometheus_client import Counter
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -19,7 +25,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.settings import RedisSettings
 from shared.telemetry import child_span
 
-__all__ = ["HotContext", "HotContextStore", "context_key", "make_redis"]
+__all__ = ["HotContext", "HotContextStore", "WriteBehind", "context_key", "make_redis"]
+
+log = logging.getLogger(__name__)
+
+WRITE_BEHIND = Counter(
+    "agentbus_redis_write_behind_total",
+    "Cache writes handed to the background writer, by outcome",
+    ["outcome"],  # written | coalesced | dropped | failed
+)
 
 
 def make_redis(settings: RedisSettings) -> aioredis.Redis:
@@ -68,10 +82,25 @@ class HotContext:
 class HotContextStore:
     """``ctx:{session}`` hashes of (seq, data) with a TTL, written by compare-and-set."""
 
-    def __init__(self, client: aioredis.Redis, *, ttl_s: int) -> None:
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int, writer: WriteBehind | None = None) -> None:
         self._client = client
         self._ttl_s = ttl_s
         self._cas = client.register_script(_CAS_SCRIPT)
+        self._writer = writer
+
+    def put_later(self, tenant_id: str, session_id: str, seq: int, data: bytes) -> None:
+        """:meth:`put_if_newer` through the background writer (without one: not written).
+
+        Later puts of one session coalesce into the newest; the compare-and-set still holds.
+        """
+        if self._writer is None:
+            return
+        key = context_key(tenant_id, session_id)
+
+        async def write(pipe: Pipeline) -> None:
+            await self._cas(keys=[key], args=[seq, data, self._ttl_s], client=pipe)
+
+        self._writer.submit(key, write)
 
     async def put_if_newer(self, tenant_id: str, session_id: str, seq: int, data: bytes) -> bool:
         """Store ``data`` as the context at ``seq`` unless Redis already holds ``seq`` or newer.
@@ -92,3 +121,61 @@ class HotContextStore:
         if seq is None or data is None:
             return None
         return HotContext(int(seq), data if isinstance(data, bytes) else data.encode())
+
+
+WriteOp = Callable[[Pipeline], Awaitable[object]]
+
+
+class WriteBehind:
+    """Cache writes that must not hold up the caller, sent in pipelines by one background task.
+
+    Only for writes that may be lost (Redis is a cache): each pending write is keyed, a
+    newer write of the same key replaces one not yet sent (a session's hot context moves
+    forward, only its newest state matters), and everything pending when the writer wakes
+    goes in one pipeline, one round trip. At most ``max_pending`` keys wait; beyond that a
+    write is dropped and counted. :meth:`flush` waits for what is pending (shutdown).
+    """
+
+    def __init__(self, client: aioredis.Redis, *, max_pending: int = 100_000) -> None:
+        self._client = client
+        self._max_pending = max_pending
+        self._pending: dict[str, WriteOp] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, key: str, op: WriteOp) -> None:
+        if key in self._pending:
+            WRITE_BEHIND.labels("coalesced").inc()
+        elif len(self._pending) >= self._max_pending:
+            WRITE_BEHIND.labels("dropped").inc()
+            return
+        self._pending[key] = op
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, {}
+            try:
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for op in batch.values():
+                        await op(pipe)
+                    results = await pipe.execute(raise_on_error=False)
+            except Exception as exc:  # noqa: BLE001 - a cache write lost; readers rebuild
+                WRITE_BEHIND.labels("failed").inc(len(batch))
+                log.warning("write-behind of %d cache entries failed: %s", len(batch), exc)
+                continue
+            failed = sum(1 for r in results if isinstance(r, Exception))
+            WRITE_BEHIND.labels("written").inc(len(batch) - failed)
+            if failed:
+                WRITE_BEHIND.labels("failed").inc(failed)
+
+    async def flush(self, timeout_s: float = 5.0) -> None:
+        """Wait (at most ``timeout_s``) until nothing is pending."""
+        task = self._task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(task), timeout_s)

@@ -126,7 +126,19 @@ class KafkaSettings(Settings):
     commit_batch: int = setting(
         "AGENTBUS_COMMIT_BATCH", 500, "Most input records finished in one transaction (group commit)"
     )
-    kafka_linger_ms: int = setting("AGENTBUS_KAFKA_LINGER_MS", 2, "Producer batching delay")
+    kafka_linger_ms: int = setting(
+        "AGENTBUS_KAFKA_LINGER_MS",
+        0,
+        "Producer batching delay (records still batch while a send is in flight)",
+    )
+    kafka_retry_backoff_ms: int = setting(
+        "AGENTBUS_KAFKA_RETRY_BACKOFF_MS", 10, "Producer wait before retrying a failed request"
+    )
+    kafka_txn_retry_backoff_ms: int = setting(
+        "AGENTBUS_KAFKA_TXN_RETRY_BACKOFF_MS",
+        2,
+        "Wait before asking again to start a transaction while the previous one's markers are written",
+    )
     kafka_compression: str = setting(
         "AGENTBUS_KAFKA_COMPRESSION", "lz4", "Producer compression codec or none"
     )

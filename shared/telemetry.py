@@ -61,8 +61,17 @@ TRACE_HEADERS = ("traceparent", "tracestate")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
+_TRACER: tuple[object, trace.Tracer] | None = None
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("agentbus")
+    """The agentbus tracer of the current provider (cached: ``get_tracer`` is costly per span)."""
+    global _TRACER
+    provider = trace.get_tracer_provider()
+    cached = _TRACER
+    if cached is None or cached[0] is not provider:
+        cached = _TRACER = (provider, trace.get_tracer("agentbus", tracer_provider=provider))
+    return cached[1]
 
 
 class JsonLinesSpanExporter(SpanExporter):

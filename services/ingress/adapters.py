@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import redis.asyncio as aioredis
 
 from shared.cassandra import Statements
+from shared.telemetry import child_span
 
 from .handlers import bucket_key, owner_key
 
@@ -63,7 +64,8 @@ class SessionOwnership:
         self._statements.get(CLAIM_SESSION)
 
     async def claim(self, tenant_id: str, session_id: str) -> str:
-        cached = await self._redis.get(owner_key(session_id))
+        with child_span("redis", attributes={"db.system": "redis", "db.operation": "GET owner"}):
+            cached = await self._redis.get(owner_key(session_id))
         if cached is not None:
             return cached.decode() if isinstance(cached, bytes) else str(cached)
         (row,) = await self._statements.run(CLAIM_SESSION, [session_id, tenant_id, dt.datetime.now(dt.UTC)])
@@ -83,7 +85,8 @@ class RedisSeenMessages:
         self._ttl_s = ttl_s
 
     async def seen(self, key: str) -> bool:
-        return bool(await self._redis.exists(key))
+        with child_span("redis", attributes={"db.system": "redis", "db.operation": "EXISTS idem"}):
+            return bool(await self._redis.exists(key))
 
     async def remember(self, keys: Iterable[str]) -> None:
         """Mark ``keys`` forwarded (SET NX EX); call only once their transaction committed."""
@@ -102,4 +105,6 @@ class RedisTokenBucket:
         self._burst = burst
 
     async def allow(self, tenant_id: str) -> bool:
-        return bool(int(await self._script(keys=[bucket_key(tenant_id)], args=[self._rate, self._burst])))
+        with child_span("redis", attributes={"db.system": "redis", "db.operation": "EVALSHA tenant-bucket"}):
+            reply = await self._script(keys=[bucket_key(tenant_id)], args=[self._rate, self._burst])
+        return bool(int(reply))

@@ -49,6 +49,7 @@ from opentelemetry.trace import Span, SpanKind
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
 
+from services.reasoning.cache import ContextCache
 from services.reasoning.settings import ReasoningSettings
 from services.reasoning.turns import ModelUnavailableError, Outputs, TurnEngine, tool_specs_from
 from services.tool_exec.registry import ToolRegistry
@@ -69,7 +70,7 @@ from shared.kafka import (
 )
 from shared.metrics import LagMonitor, busy_from_gauge
 from shared.ratelimit import TokenBucket
-from shared.redis import HotContextStore, make_redis
+from shared.redis import HotContextStore, WriteBehind, make_redis
 from shared.service import (
     Probes,
     client_id,
@@ -132,10 +133,15 @@ class RebuildPendingError(RuntimeError):
 
 
 class RedisDecisionCache:
-    """``decision:{tenant/session}:{seq}`` -> the model's raw output, kept a day."""
+    """``decision:{tenant/session}:{seq}`` -> the model's raw output, kept a day.
 
-    def __init__(self, client: Any) -> None:
+    Puts go through the write-behind pipeline: a decision matters only if its step is
+    retried, and the retry reads it back long after the pipeline has sent it.
+    """
+
+    def __init__(self, client: Any, writer: WriteBehind) -> None:
         self._client = client
+        self._writer = writer
 
     @staticmethod
     def _key(tenant_id: str, session_id: str, seq: int) -> str:
@@ -150,11 +156,13 @@ class RedisDecisionCache:
         return value.decode() if isinstance(value, bytes) else value
 
     async def put(self, tenant_id: str, session_id: str, seq: int, output: str) -> None:
-        with (
-            contextlib.suppress(Exception),
-            child_span("redis", attributes={"db.system": "redis", "db.operation": "SET decision"}),
-        ):
-            await self._client.set(self._key(tenant_id, session_id, seq), output.encode(), ex=86400)
+        key = self._key(tenant_id, session_id, seq)
+        value = output.encode()
+
+        async def write(pipe: Any) -> None:
+            await pipe.set(key, value, ex=86400)
+
+        self._writer.submit(key, write)
 
 
 @dataclass
@@ -167,6 +175,7 @@ class Deps:
     eventlog: EventLog
     statements: Statements
     service: str
+    cache: ContextCache
 
 
 class PartitionWorker:
@@ -177,7 +186,13 @@ class PartitionWorker:
         self.tp = tp
         self.heads: dict[tuple[str, str], int] = {}
         self.offsets = OffsetWatermark()
-        self.committer = GroupCommitter(deps.txns, tp, self.offsets, max_batch=deps.settings.commit_batch)
+        self.committer = GroupCommitter(
+            deps.txns,
+            tp,
+            self.offsets,
+            max_batch=deps.settings.commit_batch,
+            offset_interval_s=deps.settings.offset_commit_interval_s,
+        )
         self.queues: dict[bytes, deque[ConsumerRecord]] = {}
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -187,6 +202,9 @@ class PartitionWorker:
         self._failures = 0  # ambiguous commit failures seen
         self._scanned_through = 0  # failures covered by the last scan
         self._last_scan: dict[tuple[str, str], int] = {}
+        # Inbox offsets from here on were never delivered to an earlier owner (set when the
+        # partition is prepared): their first attempt cannot find a decision already paid for.
+        self.first_delivery_from: int | None = None
         OWNED.labels(str(tp.partition)).set(1)
 
     @property
@@ -213,6 +231,7 @@ class PartitionWorker:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self.committer.settle()  # the next owner redelivers less
         await self.committer.close()
 
     async def drain(self) -> None:
@@ -238,9 +257,10 @@ class PartitionWorker:
     async def _process(self, record: ConsumerRecord) -> None:
         attempts = 0
         backoff = 0.1
+        fresh = self.first_delivery_from is not None and record.offset >= self.first_delivery_from
         while True:
             try:
-                await self._process_once(record)
+                await self._process_once(record, first_attempt=fresh)
                 return
             except (ProducerFenced, PartitionNotOwnedError):
                 raise
@@ -269,6 +289,7 @@ class PartitionWorker:
                         record, "handler_error", f"{type(exc).__name__}: {exc}", type(exc).__name__
                     )
                     return
+            fresh = False
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 
@@ -317,15 +338,15 @@ class PartitionWorker:
         await self.committer.finish(record.offset, records)
         RECORDS.labels(f"dlq_{code}").inc()
 
-    async def _process_once(self, record: ConsumerRecord) -> None:
+    async def _process_once(self, record: ConsumerRecord, *, first_attempt: bool = False) -> None:
         with consume_span("reasoning.handle", record.headers, attributes=record_attributes(record)) as span:
             try:
-                await self._handle(record, span)
+                await self._handle(record, span, first_attempt=first_attempt)
             except Exception as exc:
                 mark_error(span, exc)
                 raise
 
-    async def _handle(self, record: ConsumerRecord, span: Span) -> None:
+    async def _handle(self, record: ConsumerRecord, span: Span, *, first_attempt: bool = False) -> None:
         deps = self.deps
         started = time.perf_counter()
         try:
@@ -347,15 +368,16 @@ class PartitionWorker:
         model_time = 0.0
         engine = deps.engine
         t_model = time.perf_counter()
-        outputs = await engine.handle(state, decoded.name, datum)
+        outputs = await engine.handle(state, decoded.name, datum, first_attempt=first_attempt)
         model_time = time.perf_counter() - t_model if outputs.model_calls else 0.0
         await self.committer.finish(record.offset, self._records(record, tenant, session, outputs))
         if outputs.events:
+            # Committed: the state at this seq is final. Cached here and, without holding up
+            # this session's next record, written to Redis (compare-and-set on seq).
             self.heads[(tenant, session)] = state.seq
-            try:
-                await deps.hot.put_if_newer(tenant, session, state.seq, state.to_json())
-            except Exception as exc:  # noqa: BLE001 - Redis is a cache; the next load rebuilds
-                log.warning("hot context write for %s/%s failed: %s", tenant, session, exc)
+            data = state.to_json()
+            deps.cache.put((tenant, session), state.seq, data)
+            deps.hot.put_later(tenant, session, state.seq, data)
         STEPS.inc(outputs.model_calls)
         RECORDS.labels(outputs.dropped or "handled").inc()
         log.debug(
@@ -378,7 +400,8 @@ class PartitionWorker:
         return out
 
     async def load_state(self, tenant: str, session: str) -> SessionState:
-        """The session's state at its head: hot (Redis) if current, else rebuilt from Cassandra."""
+        """The session's state at its head: this replica's own commit (memory), the hot context
+        (Redis) if current, else rebuilt from Cassandra."""
         deps = self.deps
         head = self.heads.get((tenant, session))
         if head is None:
@@ -390,6 +413,10 @@ class PartitionWorker:
         if head < 0:
             REBUILDS.labels("new").inc()
             return SessionState(tenant, session)
+        cached = deps.cache.get((tenant, session), head)
+        if cached is not None:
+            REBUILDS.labels("memory").inc()
+            return SessionState.from_json(cached)
         try:
             hot = await deps.hot.get(tenant, session)
         except Exception:  # noqa: BLE001 - Redis down or wiped: rebuild
@@ -498,6 +525,9 @@ class Reasoner(ConsumerRebalanceListener):  # type: ignore[misc]
                 # only then is the events partition's end final enough to scan.
                 await asyncio.gather(*(self.deps.txns.producer(w.tp) for w in live))
                 heads = await scan_heads(self.deps.settings, [w.tp.partition for w in live], self.deps.codec)
+                # The previous owners are fenced: every record one of them could have taken is
+                # below the inbox's current end.
+                ends = await self.consumer.end_offsets([w.tp for w in live])
             except PartitionNotOwnedError:
                 # Revoked meanwhile: forget these workers so a later assignment starts afresh.
                 for w in live:
@@ -512,6 +542,7 @@ class Reasoner(ConsumerRebalanceListener):  # type: ignore[misc]
                 continue
             for w in live:
                 w.heads.update(heads.get(w.tp.partition, {}))
+                w.first_delivery_from = ends.get(w.tp)
                 if not w.ready.done():
                     w.ready.set_result(None)
             return
@@ -602,7 +633,10 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
                 MODEL_INFLIGHT.dec()
 
     tools = tool_specs_from(ToolRegistry.from_entry_points().specs())
-    engine = TurnEngine(settings, codec, call_model, RedisDecisionCache(redis), tools, settings.triton_model)
+    writer = WriteBehind(redis)
+    engine = TurnEngine(
+        settings, codec, call_model, RedisDecisionCache(redis, writer), tools, settings.triton_model
+    )
     cid = client_id(settings)
     consumer = make_consumer(settings, group_id=settings.group_id, client_id=cid)
     txns = PartitionTransactions(settings, group_id=settings.group_id, client_id=cid, consumer=consumer)
@@ -611,10 +645,11 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
         codec,
         txns,
         engine,
-        HotContextStore(redis, ttl_s=settings.hot_context_ttl_s),
+        HotContextStore(redis, ttl_s=settings.hot_context_ttl_s, writer=writer),
         EventLog(statements),
         statements,
         settings.service_name,
+        ContextCache(settings.context_cache_mb * 1024 * 1024),
     )
     reasoner = Reasoner(deps, consumer)
 
@@ -672,7 +707,9 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
         await lag_monitor.stop()
         await consumer.stop()  # revokes: workers closed, producers stopped; leaves the group
         await txns.stop()
+        await model.close()  # ends the shared stream cleanly before the channel closes
         await triton.close()
+        await writer.flush()
         await redis.aclose()
         cluster.shutdown()
 

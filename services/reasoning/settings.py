@@ -37,3 +37,11 @@ class ReasoningSettings(ServiceSettings, KafkaSettings, CassandraSettings, Redis
     rebuild_wait_s: float = setting(
         "AGENTBUS_REBUILD_WAIT_S", 10.0, "Longest wait for the checkpoint to catch up on a cold rebuild"
     )
+    context_cache_mb: int = setting(
+        "AGENTBUS_CONTEXT_CACHE_MB", 64, "In-memory cache of the states this replica committed; 0: off"
+    )
+    offset_commit_interval_s: float = setting(
+        "AGENTBUS_REASONING_OFFSET_COMMIT_S",
+        1.0,
+        "Inbox offsets ride one transaction per interval (others publish only); 0: every transaction",
+    )

@@ -66,6 +66,8 @@ class Outputs:
     responses: list[bytes] = field(default_factory=list)
     model_calls: int = 0
     dropped: str | None = None  # why the record changed nothing (duplicate, late result...)
+    # The record's first attempt, never delivered before: no decision can be cached for it yet.
+    first_attempt: bool = False
 
     @property
     def empty(self) -> bool:
@@ -168,8 +170,15 @@ class TurnEngine:
 
     # -- the inbox records ---------------------------------------------------------------------
 
-    async def handle(self, state: SessionState, name: str, record: dict[str, Any]) -> Outputs:
-        out = Outputs()
+    async def handle(
+        self, state: SessionState, name: str, record: dict[str, Any], *, first_attempt: bool = False
+    ) -> Outputs:
+        """What ``record`` does to ``state`` (folded in place) and publishes.
+
+        ``first_attempt``: the record was never delivered before (see
+        :class:`services.reasoning.main.PartitionWorker`), so the decision cache is not read.
+        """
+        out = Outputs(first_attempt=first_attempt)
         name = name.rsplit(".", 1)[-1]
         if name == "TurnRequested":
             await self._on_turn_requested(state, record, out)
@@ -280,7 +289,11 @@ class TurnEngine:
         assert turn is not None
         decision_seq = state.next_seq
         started = time.perf_counter()
-        raw = await self.decisions.get(state.tenant_id, state.session_id, decision_seq)
+        raw = (
+            None
+            if out.first_attempt
+            else await self.decisions.get(state.tenant_id, state.session_id, decision_seq)
+        )
         if raw is None:
             try:
                 raw = await self.model(self.prompt(state))

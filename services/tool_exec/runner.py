@@ -1,6 +1,8 @@
 """Running one tool call with the guard its effect asks for.
 
-``READ_ONLY``         run (again), record the result.
+``READ_ONLY``         run (again); the result is recorded only with ``record_read_only`` (it reaches
+                      the session's event log with the ToolResult either way, and nothing ever
+                      reads it back: a redelivered read-only call runs again).
 ``IDEMPOTENT_WRITE``  a completed result already recorded for the key is returned; else run and record.
 ``IRREVERSIBLE``      a completed result is returned, never re-run. Otherwise the key is claimed with a
                       lightweight transaction; only the winner runs the tool (once, without retries)
@@ -215,6 +217,8 @@ class ToolRunner:
                 return await self._replay(existing, call.tool)
         outcome = await self._attempts(tool, args, ctx, self._timeout(tool, call), retry=True)
         finished = _now()
+        if tool.effect is Effect.READ_ONLY and not self.settings.record_read_only:
+            return self._view(key, tool.name, outcome, started, finished)
         await self.store.record(
             key,
             tenant_id=call.tenant_id,

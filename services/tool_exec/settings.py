@@ -16,6 +16,11 @@ class ToolExecSettings(ServiceSettings, KafkaSettings, CassandraSettings, RedisS
     )
     default_timeout_s: float = setting("AGENTBUS_TOOL_TIMEOUT_S", 30.0, "Timeout of a tool without its own")
     max_attempts: int = setting("AGENTBUS_TOOL_MAX_ATTEMPTS", 3, "Attempts for transient tool errors")
+    record_read_only: bool = setting(
+        "AGENTBUS_RECORD_READ_ONLY_RESULTS",
+        False,
+        "Also keep read-only tools' results in tool_results (they are in the event log either way)",
+    )
     artifact_threshold_bytes: int = setting(
         "AGENTBUS_ARTIFACT_THRESHOLD_BYTES", 8192, "Outputs larger than this are stored as artifacts"
     )

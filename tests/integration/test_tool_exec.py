@@ -405,11 +405,17 @@ async def test_an_idempotent_write_re_executed_returns_the_recorded_result(
     assert counting.runs == 2 and other_step.value() == {"run": 2, "args": {"x": 1}}
 
 
-async def test_read_only_tools_run_again(runner: ToolRunner, store: ToolResultStore, run_id: str) -> None:
+async def test_read_only_tools_run_again(
+    runner: ToolRunner, make_runner: RunnerFactory, store: ToolResultStore, run_id: str
+) -> None:
     call = _call(run_id, "calculator", {"expression": "6 * 7"})
     first = await runner.execute(call)
     second = await runner.execute(call)
     assert first.value()["result"] == 42 and not second.replayed
+    assert await store.get(call.idempotency_key) is None  # not recorded unless asked for
+    recording = make_runner(settings={"record_read_only": True})
+    third = await recording.execute(call)
+    assert not third.replayed
     row = await store.get(call.idempotency_key)
     assert row is not None and row.status == "OK" and json.loads(row.output or "")["result"] == 42
 

@@ -89,7 +89,8 @@ async def test_one_turn_is_one_trace_across_the_four_services(
     appended = named("checkpoint.append")
     assert len(appended) == len(events)
     assert all(by_id[a.parent_id or ""].name == "reasoning.handle" for a in appended)
-    # Cassandra and Redis calls made while handling a record are its children.
+    # Cassandra and Redis calls made while handling a record are its children (Redis: ingress;
+    # reasoning serves this session from its own memory and writes Redis behind the commit).
     assert {s.attributes.get("db.system") for s in spans} >= {"cassandra", "redis"}
 
     out = io.StringIO()

@@ -45,16 +45,19 @@ class RecordingTxns:
         self,
         tp: TopicPartition,
         records: Sequence[OutRecord],
-        next_offsets: Callable[[], Mapping[TopicPartition, int]],
+        next_offsets: Callable[[], Mapping[TopicPartition, int]] | None,
     ) -> None:
         await asyncio.sleep(0.01)
         if self.fail:
             raise self.fail.pop(0)
-        self.commits.append(([r.value for r in records], next_offsets()[tp]))
+        # -1: the transaction published records only (interval mode)
+        self.commits.append(([r.value for r in records], -1 if next_offsets is None else next_offsets()[tp]))
 
 
-def _committer(txns: RecordingTxns, watermark: OffsetWatermark, max_batch: int = 500) -> GroupCommitter:
-    return GroupCommitter(txns, TP, watermark, max_batch=max_batch)  # type: ignore[arg-type]
+def _committer(
+    txns: RecordingTxns, watermark: OffsetWatermark, max_batch: int = 500, interval: float = 0.0
+) -> GroupCommitter:
+    return GroupCommitter(txns, TP, watermark, max_batch=max_batch, offset_interval_s=interval)  # type: ignore[arg-type]
 
 
 async def test_records_finishing_together_share_one_transaction() -> None:
@@ -152,3 +155,57 @@ async def test_a_zombie_never_starts_a_producer_that_would_fence_the_new_owner()
         await txns.producer(TP)  # its producer was dropped (fenced): no new one without proof
     assert zombie.commits == [{TP: 41}]  # the proof asked for: a no-op commit, refused
     assert txns.partitions == frozenset()
+
+
+async def test_interval_mode_commits_the_offset_once_per_interval_and_when_the_partition_goes_quiet() -> None:
+    w = OffsetWatermark()
+    for offset in range(5):
+        w.add(offset)
+    txns = RecordingTxns()
+    c = _committer(txns, w, interval=0.2)
+    for o in range(3):  # one after the other: three transactions
+        await c.finish(o, [OutRecord("out", b"r%d" % o)])
+    # The first carries the offset; the next two, inside the interval, publish records only.
+    assert [off for _, off in txns.commits] == [1, -1, -1]
+    # Nothing more comes: within the interval the offset is committed alone.
+    await asyncio.sleep(0.35)
+    assert txns.commits[-1] == ([], 3)
+    assert len(w) == 2  # 3 and 4 were never finished
+    # An interval after that commit, the next transaction carries the offset again.
+    await asyncio.sleep(0.25)
+    await c.finish(3, [OutRecord("out", b"r3")])
+    assert txns.commits[-1] == ([b"r3"], 4)
+    await c.close()
+
+
+async def test_interval_mode_finishes_a_record_without_outputs_at_once_and_commits_it_later() -> None:
+    w = OffsetWatermark()
+    for offset in range(3):
+        w.add(offset)
+    txns = RecordingTxns()
+    c = _committer(txns, w, interval=0.1)
+    await asyncio.wait_for(c.finish(0, []), 0.005)  # no transaction to wait for
+    await c.finish(1, [])
+    assert not txns.commits and len(w) == 1
+    await asyncio.sleep(0.25)
+    assert txns.commits == [([], 2)]
+    await c.close()
+
+
+async def test_settle_commits_every_finished_offset_now_and_offsets_never_go_back() -> None:
+    w = OffsetWatermark()
+    for offset in range(4):
+        w.add(offset)
+    txns = RecordingTxns()
+    c = _committer(txns, w, interval=60.0)
+    await c.finish(0, [OutRecord("out", b"r0")])  # carries offset 1
+    await c.finish(2, [])
+    await c.finish(1, [OutRecord("out", b"r1")])  # inside the interval: no offset
+    assert [off for _, off in txns.commits] == [1, -1]
+    await c.settle()
+    assert txns.commits[-1] == ([], 3)
+    offsets = [off for _, off in txns.commits if off >= 0]
+    assert offsets == sorted(offsets)
+    await c.settle()  # nothing new finished: no transaction
+    assert len(txns.commits) == 3
+    await c.close()

@@ -250,7 +250,7 @@ async def test_token_bucket_reports_tokens_left_and_waits() -> None:
     assert _value("agentbus_token_bucket_saturation", bucket="model-test") == pytest.approx(
         1 - 39.5 / 40, abs=0.01
     )
-    assert await bucket.take() == pytest.approx(0.02)
+    assert await bucket.take() == pytest.approx(0.02, abs=0.015)  # waited for the refill
     assert redis.calls[0]["keys"] == ["bucket:model-test"]
     assert _value("agentbus_token_bucket_takes_total", bucket="model-test", result="denied") == 1.0
     assert _value("agentbus_token_bucket_takes_total", bucket="model-test", result="granted") == 2.0
