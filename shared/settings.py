@@ -136,7 +136,7 @@ class KafkaSettings(Settings):
     )
     kafka_txn_retry_backoff_ms: int = setting(
         "AGENTBUS_KAFKA_TXN_RETRY_BACKOFF_MS",
-        2,
+        5,
         "Wait before asking again to start a transaction while the previous one's markers are written",
     )
     kafka_compression: str = setting(

@@ -290,11 +290,24 @@ async def _loop(
     settings: CheckpointSettings, consumer: AIOKafkaConsumer, checkpointer: Checkpointer, stop: asyncio.Event
 ) -> None:
     backoff = BACKOFF_START_S
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
         batch = await poll(
             consumer, timeout_ms=settings.batch_linger_ms, max_records=settings.batch_max_events
         )
         batch = {tp: rs for tp, rs in batch.items() if rs}
+        # getmany returns as soon as anything is there: under light load that is a batch of one
+        # reasoning transaction. Keep gathering for the linger, so a batch is worth its writes
+        # (Cassandra batch, index rows, offset commit).
+        size, until = _size(batch), loop.time() + settings.batch_linger_ms / 1000
+        while batch and size < settings.batch_max_events and (left := until - loop.time()) > 0:
+            more = await poll(
+                consumer, timeout_ms=int(left * 1000) + 1, max_records=settings.batch_max_events - size
+            )
+            for tp, rs in more.items():
+                if rs:
+                    batch.setdefault(tp, []).extend(rs)
+                    size += len(rs)
         if batch:
             started = time.perf_counter()
             try:
