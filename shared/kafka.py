@@ -538,6 +538,11 @@ class GroupCommitter:
                         future.exception()  # seen here: a cancelled caller must not log it as lost
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                if not batch:
+                    # An offset-only commit failed (the partition going away, a broker restart):
+                    # try again an interval later, not in a tight loop; close() stops it.
+                    log.warning("%s: committing the offset failed (%s); retrying later", self.tp, exc)
+                    self._settle_later()
                 continue
             self.transactions += 1
             self.records += len(batch)

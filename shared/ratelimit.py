@@ -147,6 +147,7 @@ class TokenBucket:
             done = loop.time()
             for want in batch:
                 want.asked += 1
+            for want in batch:
                 if want.cost > granted:
                     break  # oldest first: later (smaller) ones wait their turn too
                 granted -= want.cost

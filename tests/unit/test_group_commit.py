@@ -209,3 +209,18 @@ async def test_settle_commits_every_finished_offset_now_and_offsets_never_go_bac
     await c.settle()  # nothing new finished: no transaction
     assert len(txns.commits) == 3
     await c.close()
+
+
+async def test_a_failed_offset_only_commit_is_retried_an_interval_later_not_in_a_loop() -> None:
+    w = OffsetWatermark()
+    w.add(0)
+    txns = RecordingTxns(fail=[PartitionNotOwnedError(TP)] * 50)
+    c = _committer(txns, w, interval=0.1)
+    await c.finish(0, [])  # finished at once; its offset is committed by the settle timer
+    await asyncio.sleep(0.35)
+    tried = 50 - len(txns.fail)
+    assert 2 <= tried <= 4, tried  # about once per interval
+    txns.fail.clear()
+    await asyncio.sleep(0.15)
+    assert txns.commits == [([], 1)]
+    await c.close()
