@@ -117,8 +117,10 @@ class IngressLoop:
         """Poll and handle batches until ``stop`` is set; the batch in hand is finished first."""
         while not self._stop.is_set():
             batches = await poll(self._consumer, timeout_ms=300)
-            for tp, records in batches.items():
-                await self.handle_batch(tp, records)
+            # Partitions are independent (each has its own transactional producer): their batches
+            # are decided and committed concurrently, so one partition's commit does not hold up
+            # the turns of another. Within a partition, batches stay in order (one per poll).
+            await asyncio.gather(*(self.handle_batch(tp, records) for tp, records in batches.items()))
 
     async def handle_batch(self, tp: TopicPartition, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
         """Decide ``records`` (one partition, in order); commit outputs + next offset in one transaction."""
