@@ -13,7 +13,10 @@
 
 Every attempt runs under the tool's timeout (``TIMEOUT``), its own concurrency limit and the
 replica's execution slots; transient errors of non-irreversible tools are retried with
-exponential backoff up to ``max_attempts``. Outputs whose JSON is larger than
+exponential backoff up to ``max_attempts``. A store the tool itself uses being unavailable
+(Cassandra, Redis) is retried the same way and then propagates like the runner's own store
+errors, so the call waits for the store instead of answering an error (an irreversible tool
+answers ``OUTCOME_UNKNOWN``: it may have acted). Outputs whose JSON is larger than
 ``artifact_threshold_bytes`` go to the artifact store and only a pointer is returned.
 Errors of the stores themselves (Cassandra unavailable...) propagate: the caller retries the
 call, which is safe by construction.
@@ -34,7 +37,14 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from cassandra import OperationTimedOut as CassandraOperationTimedOut
+from cassandra import ReadTimeout as CassandraReadTimeout
+from cassandra import Unavailable as CassandraUnavailable
+from cassandra import WriteTimeout as CassandraWriteTimeout
+from cassandra.cluster import NoHostAvailable
 from opentelemetry.trace import SpanKind
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.tool_exec.artifacts import ArtifactRef, ArtifactStore
 from services.tool_exec.idempotency import (
@@ -58,6 +68,19 @@ from shared.telemetry import child_span
 __all__ = ["ToolCallRequest", "ToolResultView", "ToolRunner"]
 
 log = logging.getLogger(__name__)
+
+# A store a tool uses (Cassandra, Redis) being unreachable is no fault of the tool or of its
+# arguments: after the tool's own retries, the call is retried by the service until the store
+# is back (as for the runner's own store errors), never answered with an error.
+STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    NoHostAvailable,
+    CassandraOperationTimedOut,
+    CassandraUnavailable,
+    CassandraReadTimeout,
+    CassandraWriteTimeout,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
 INTERNAL = SpanKind.INTERNAL
 
 
@@ -369,6 +392,15 @@ class ToolRunner:
                 return _Outcome(ToolStatus.ERROR, error=error, attempts=attempt)
             except InvalidArguments as exc:
                 return _Outcome(ToolStatus.REJECTED, error=exc.reason, attempts=attempt)
+            except STORE_UNAVAILABLE as exc:
+                if irreversible:  # it may have acted before its store failed
+                    error = f"store unavailable: {type(exc).__name__}: {exc}"
+                    return _Outcome(ToolStatus.OUTCOME_UNKNOWN, error=error, attempts=attempt)
+                if attempt < max_attempts:
+                    log.info("%s: store unavailable (attempt %d): %r", tool.name, attempt, exc)
+                    await asyncio.sleep(self._backoff(attempt))
+                    continue
+                raise  # the service retries the call once the store answers again
             except ToolError as exc:
                 return _Outcome(ToolStatus.ERROR, error=exc.reason, attempts=attempt)
             except Exception as exc:  # a bug in the tool; the call ends, the service does not

@@ -451,6 +451,49 @@ async def test_transient_errors_are_retried_with_backoff(
     assert "gave up after 3 attempts" in (gave_up.error or "")
 
 
+class StoreDown(Tool):
+    """A tool whose own store (Cassandra) is unreachable ``fail_times`` times."""
+
+    parameters: ClassVar[dict[str, Any]] = {"type": "object"}
+    description = "store down"
+
+    def __init__(self, name: str, effect: Effect, fail_times: int) -> None:
+        self.name = name  # type: ignore[misc]
+        self.effect = effect  # type: ignore[misc]
+        self.fail_times = fail_times
+        self.runs = 0
+
+    async def run(self, args: dict[str, Any], ctx: ToolContext) -> ToolOutput:
+        from cassandra.cluster import NoHostAvailable
+
+        self.runs += 1
+        if self.runs <= self.fail_times:
+            raise NoHostAvailable("Unable to complete the operation against any hosts", {})
+        return ToolOutput({"runs": self.runs})
+
+
+async def test_a_tool_whose_store_is_down_waits_for_it_instead_of_answering_an_error(
+    make_runner: RunnerFactory, registry: ToolRegistry, run_id: str
+) -> None:
+    from cassandra.cluster import NoHostAvailable
+
+    # Found by the chaos run: kv.get during a Cassandra restart answered "internal error:
+    # NoHostAvailable" to the model. A store outage is no answer; the call must wait for it.
+    reader = StoreDown(f"test.store-down-{run_id}", Effect.READ_ONLY, fail_times=2)
+    registry.register(reader)
+    ok = await make_runner().execute(_call(run_id, reader.name, {}))
+    assert ok.status is ToolStatus.OK and ok.value() == {"runs": 3}
+    reader.runs, reader.fail_times = 0, 10
+    with pytest.raises(NoHostAvailable):  # the service's loop retries the call until the store is back
+        await make_runner().execute(_call(run_id, reader.name, {}, step=2))
+    assert reader.runs == 3
+    # An irreversible tool may have acted before its store failed: reported, never re-run.
+    sender = StoreDown(f"test.store-down-irr-{run_id}", Effect.IRREVERSIBLE, fail_times=1)
+    registry.register(sender)
+    unknown = await make_runner().execute(_call(run_id, sender.name, {}))
+    assert unknown.status is ToolStatus.OUTCOME_UNKNOWN and sender.runs == 1
+
+
 async def test_per_tool_concurrency_and_replica_slots(
     make_runner: RunnerFactory, registry: ToolRegistry, run_id: str
 ) -> None:
