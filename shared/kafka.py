@@ -530,13 +530,14 @@ class GroupCommitter:
                     self.tp, out, self._next_offsets(offsets, committed) if with_offset else None
                 )
             except BaseException as exc:
-                # Cancelled by close(): the partition is going away, and that is what callers hear.
-                error = PartitionNotOwnedError(self.tp) if isinstance(exc, asyncio.CancelledError) else exc
+                # Cancelled by close() (or the loop going away): the partition is going away, and
+                # that is what callers hear.
+                error = exc if isinstance(exc, Exception) else PartitionNotOwnedError(self.tp)
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(error)
                         future.exception()  # seen here: a cancelled caller must not log it as lost
-                if isinstance(exc, asyncio.CancelledError):
+                if not isinstance(exc, Exception):
                     raise
                 if not batch:
                     # An offset-only commit failed (the partition going away, a broker restart):

@@ -27,12 +27,33 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from aiohttp import web
+from cassandra import CoordinationFailure as CassandraCoordinationFailure
+from cassandra import OperationTimedOut as CassandraOperationTimedOut
+from cassandra import ReadTimeout as CassandraReadTimeout
+from cassandra import Unavailable as CassandraUnavailable
+from cassandra import WriteTimeout as CassandraWriteTimeout
+from cassandra.cluster import NoHostAvailable
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.avro import AvroCodec
 from shared.kafka import OutRecord
 from shared.settings import ServiceSettings
 from shared.telemetry import configure_tracing, shutdown_tracing
+
+# Cassandra or Redis down, restarting or too slow: the work is retried until they answer,
+# never rejected, dead-lettered or answered with an error for this.
+STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    NoHostAvailable,
+    CassandraOperationTimedOut,
+    CassandraUnavailable,
+    CassandraReadTimeout,
+    CassandraWriteTimeout,
+    CassandraCoordinationFailure,
+    RedisConnectionError,
+    RedisTimeoutError,
+)
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from aiokafka.errors import KafkaError, ProducerFenced
 from cassandra import DriverException
-from cassandra.cluster import NoHostAvailable
 from prometheus_client import Counter
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.avro import AvroCodec, default_codec
 from shared.cassandra import Statements, connect_when_reachable, execute
@@ -45,7 +42,7 @@ from shared.kafka import (
 )
 from shared.metrics import LagMonitor, MeteredLimiter
 from shared.redis import make_redis
-from shared.service import Probes, client_id
+from shared.service import STORE_UNAVAILABLE, Probes, client_id
 from shared.telemetry import consume_span, mark_error, record_attributes, trace_headers
 
 from .adapters import RedisSeenMessages, RedisTokenBucket, SessionOwnership
@@ -82,10 +79,8 @@ IDEM_WRITE_FAILURES = Counter(
 
 # A dependency that is down or slow: retry the record, never reject or dead-letter it for this.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
+    *STORE_UNAVAILABLE,
     DriverException,
-    NoHostAvailable,
     OSError,
     TimeoutError,
 )

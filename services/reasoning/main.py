@@ -39,12 +39,6 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, ProducerFenced
 from aiokafka.structs import ConsumerRecord
-from cassandra import CoordinationFailure as CassandraCoordinationFailure
-from cassandra import OperationTimedOut as CassandraOperationTimedOut
-from cassandra import ReadTimeout as CassandraReadTimeout
-from cassandra import Unavailable as CassandraUnavailable
-from cassandra import WriteTimeout as CassandraWriteTimeout
-from cassandra.cluster import NoHostAvailable
 from opentelemetry.trace import Span, SpanKind
 from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import RedisError
@@ -72,6 +66,7 @@ from shared.metrics import LagMonitor, busy_from_gauge
 from shared.ratelimit import TokenBucket
 from shared.redis import HotContextStore, WriteBehind, make_redis
 from shared.service import (
+    STORE_UNAVAILABLE,
     Probes,
     client_id,
     configure_logging,
@@ -468,12 +463,7 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     TimeoutError,
     ConnectionError,
     RedisError,
-    CassandraOperationTimedOut,
-    NoHostAvailable,
-    CassandraUnavailable,
-    CassandraReadTimeout,
-    CassandraWriteTimeout,
-    CassandraCoordinationFailure,
+    *STORE_UNAVAILABLE,
 )
 
 

@@ -37,14 +37,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cassandra import OperationTimedOut as CassandraOperationTimedOut
-from cassandra import ReadTimeout as CassandraReadTimeout
-from cassandra import Unavailable as CassandraUnavailable
-from cassandra import WriteTimeout as CassandraWriteTimeout
-from cassandra.cluster import NoHostAvailable
 from opentelemetry.trace import SpanKind
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.tool_exec.artifacts import ArtifactRef, ArtifactStore
 from services.tool_exec.idempotency import (
@@ -63,24 +56,12 @@ from services.tool_exec.tools.base import (
     ToolError,
     TransientToolError,
 )
+from shared.service import STORE_UNAVAILABLE
 from shared.telemetry import child_span
 
 __all__ = ["ToolCallRequest", "ToolResultView", "ToolRunner"]
 
 log = logging.getLogger(__name__)
-
-# A store a tool uses (Cassandra, Redis) being unreachable is no fault of the tool or of its
-# arguments: after the tool's own retries, the call is retried by the service until the store
-# is back (as for the runner's own store errors), never answered with an error.
-STORE_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    NoHostAvailable,
-    CassandraOperationTimedOut,
-    CassandraUnavailable,
-    CassandraReadTimeout,
-    CassandraWriteTimeout,
-    RedisConnectionError,
-    RedisTimeoutError,
-)
 INTERNAL = SpanKind.INTERNAL
 
 
@@ -393,6 +374,7 @@ class ToolRunner:
             except InvalidArguments as exc:
                 return _Outcome(ToolStatus.REJECTED, error=exc.reason, attempts=attempt)
             except STORE_UNAVAILABLE as exc:
+                # A store the tool uses being down is no fault of the tool or its arguments.
                 if irreversible:  # it may have acted before its store failed
                     error = f"store unavailable: {type(exc).__name__}: {exc}"
                     return _Outcome(ToolStatus.OUTCOME_UNKNOWN, error=error, attempts=attempt)
