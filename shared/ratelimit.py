@@ -17,22 +17,23 @@ script call per batch of model calls instead of one per call; the shared limit i
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
 from shared.metrics import bucket_waiting, observe_bucket
 
-# KEYS[1] bucket; ARGV: rate per s, burst, cost, now ms, least. Takes as many whole tokens as
-# it holds up to ``cost``, or none if that is below ``least``. Returns {tokens granted, wait ms
-# for ``least``, tokens left} (tokens left as a string: Redis would truncate a Lua number).
+# KEYS[1] bucket; ARGV: rate per s, burst, cost, least. Takes as many whole tokens as it holds
+# up to ``cost``, or none if that is below ``least``. Returns {tokens granted, wait ms for
+# ``least``, tokens left} (tokens left as a string: Redis would truncate a Lua number). Time is
+# Redis's own clock, so replicas with skewed clocks share one bucket fairly.
 _TAKE = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-local now = tonumber(ARGV[4])
-local least = tonumber(ARGV[5]) or cost
+local least = tonumber(ARGV[4]) or cost
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
 local tokens = tonumber(state[1]) or burst
 local updated = tonumber(state[2]) or now
@@ -54,6 +55,26 @@ return {granted, wait, tostring(tokens)}
 """
 
 
+class BucketScript:
+    """The bucket script registered on one Redis client; it takes from any bucket key.
+
+    :class:`TokenBucket` is one named bucket built on it; ingress keeps one bucket per tenant.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._script = client.register_script(_TAKE)
+
+    async def take(
+        self, key: str, *, rate: float, burst: int, cost: int, least: int
+    ) -> tuple[int, float, float]:
+        """Take up to ``cost`` tokens of ``key`` (none if fewer than ``least`` are there).
+
+        Returns (tokens granted, seconds until ``least`` would be there, tokens left).
+        """
+        reply = await self._script(keys=[key], args=[rate, burst, cost, least])
+        return int(reply[0]), int(reply[1]) / 1000, float(reply[2])
+
+
 @dataclass
 class _Want:
     cost: int
@@ -73,21 +94,18 @@ class TokenBucket:
         self._key = f"bucket:{name}"
         self._rate = rate
         self._burst = burst
-        self._script = client.register_script(_TAKE)
+        self._script = BucketScript(client)
         self._queue: list[_Want] = []
         self._server: asyncio.Task[None] | None = None
         self.script_calls = 0
 
     async def _call(self, cost: int, least: int) -> tuple[int, float]:
         self.script_calls += 1
-        reply = await self._script(
-            keys=[self._key], args=[self._rate, self._burst, cost, int(time.time() * 1000), least]
+        granted, wait_s, left = await self._script.take(
+            self._key, rate=self._rate, burst=self._burst, cost=cost, least=least
         )
-        granted, wait_ms = int(reply[0]), int(reply[1])
-        observe_bucket(
-            self.name, tokens=float(reply[2]), rate=self._rate, burst=self._burst, granted=granted >= least
-        )
-        return granted, wait_ms / 1000
+        observe_bucket(self.name, tokens=left, rate=self._rate, burst=self._burst, granted=granted >= least)
+        return granted, wait_s
 
     async def try_take(self, cost: int = 1) -> tuple[bool, float]:
         """Take ``cost`` tokens if there are enough; else (False, seconds to wait)."""

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import redis.asyncio as aioredis
 
 from shared.cassandra import Statements
+from shared.ratelimit import BucketScript
 from shared.telemetry import child_span
 
 from .handlers import bucket_key, owner_key
@@ -21,34 +22,6 @@ from .handlers import bucket_key, owner_key
 CLAIM_SESSION = (
     "INSERT INTO {ks}.session_owners (session_id, tenant_id, created_at) VALUES (?, ?, ?) IF NOT EXISTS"
 )
-
-# KEYS[1] = bucket hash (tokens, ts in ms); ARGV = rate per second, burst. Redis's own clock, so
-# replicas with skewed clocks share one bucket fairly. Returns 1 when a token was taken.
-_TOKEN_BUCKET = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
-local tokens = tonumber(state[1])
-local ts = tonumber(state[2])
-if tokens == nil or ts == nil then
-  tokens = burst
-  ts = now
-end
-if now > ts then
-  tokens = math.min(burst, tokens + (now - ts) * rate / 1000.0)
-  ts = now
-end
-local allowed = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  allowed = 1
-end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(ts))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst * 1000.0 / rate) + 1000)
-return allowed
-"""
 
 
 class SessionOwnership:
@@ -100,11 +73,13 @@ class RedisTokenBucket:
     """One token bucket per tenant in ``bucket:tenant:{tenant}``, shared by every replica."""
 
     def __init__(self, redis: aioredis.Redis, *, rate_per_s: float, burst: int) -> None:
-        self._script = redis.register_script(_TOKEN_BUCKET)
+        self._script = BucketScript(redis)  # the same script as the model bucket (shared.ratelimit)
         self._rate = rate_per_s
         self._burst = burst
 
     async def allow(self, tenant_id: str) -> bool:
         with child_span("redis", attributes={"db.system": "redis", "db.operation": "EVALSHA tenant-bucket"}):
-            reply = await self._script(keys=[bucket_key(tenant_id)], args=[self._rate, self._burst])
-        return bool(int(reply))
+            granted, _, _ = await self._script.take(
+                bucket_key(tenant_id), rate=self._rate, burst=self._burst, cost=1, least=1
+            )
+        return granted >= 1
