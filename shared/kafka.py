@@ -298,10 +298,13 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         """
         producer = await self.producer(tp)
         closed = self._closed.get(tp)
-        if closed is None:
+        lock = self._locks.get(tp)
+        if closed is None or lock is None or self._producers.get(tp) is not producer:
             raise PartitionNotOwnedError(tp)
         sends: list[asyncio.Future[object]] = []
-        body = asyncio.create_task(self._transaction(producer, tp, records, next_offsets, sends))
+        # The lock of this very producer (captured now: the task runs later, maybe after a
+        # replacement, and must not take its successor's lock).
+        body = asyncio.create_task(self._transaction(producer, lock, records, next_offsets, sends))
         try:
             done, _ = await asyncio.wait(
                 {body, closed}, timeout=self._deadline_s, return_when=asyncio.FIRST_COMPLETED
@@ -345,12 +348,12 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
     async def _transaction(
         self,
         producer: AIOKafkaProducer,
-        tp: TopicPartition,
+        lock: asyncio.Lock,
         records: Sequence[OutRecord],
         next_offsets: Offsets | None,
         sends: list[asyncio.Future[object]],
     ) -> None:
-        async with self._locks[tp], producer.transaction():
+        async with lock, producer.transaction():
             for r in records:
                 sent = await producer.send(
                     r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
