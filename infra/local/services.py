@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -119,6 +121,25 @@ class ReplicaStatus:
     port: int
     pid: int | None
     ready: bool
+
+
+def free_base_port(services: int = 4, replicas: int = 9, *, rng: random.Random | None = None) -> int:
+    """A base port whose replica ports (``base + 10 * service + replica``) are all free now.
+
+    Drawn below 32768, where Linux hands out no ephemeral ports: a base in the ephemeral range
+    can collide with a client connection's local port between this check and the bind.
+    """
+    rng = rng or random.Random()
+    for _ in range(100):
+        base = rng.randrange(20000, 32000, 100)
+        try:
+            for port in (base + 10 * s + r for s in range(services) for r in range(1, replicas + 1)):
+                with socket.socket() as sock:
+                    sock.bind(("0.0.0.0", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free range of service ports between 20000 and 32000")
 
 
 class ServiceReplicas:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import secrets
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 
 from aiokafka.admin import AIOKafkaAdminClient
 
-from infra.local.services import ServiceReplicas
+from infra.local.services import ServiceReplicas, free_base_port
 from infra.local.stack import StackSettings
 from shared.cassandra import Statements, connect
 from shared.migrations import apply_migrations
@@ -107,9 +106,7 @@ async def deployed(deployment: Deployment, home: Path) -> AsyncIterator[Running]
             "OTEL_BSP_MAX_QUEUE_SIZE": "200000",
             **deployment.extra_env,
         }
-        sup = ServiceReplicas(
-            StackSettings(home=str(home)), base_port=random.randrange(30000, 39000, 100), env=env
-        )
+        sup = ServiceReplicas(StackSettings(home=str(home)), base_port=free_base_port(), env=env)
         try:
             for name, n in deployment.counts().items():
                 await asyncio.to_thread(sup.start, name, n, wait=False)

@@ -31,7 +31,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from infra.local.services import ServiceReplicas
+from infra.local.services import ServiceReplicas, free_base_port
 from infra.local.stack import Cassandra, Kafka, Redis, StackSettings, _port_open
 from shared.avro import default_codec
 from shared.kafka import make_producer
@@ -164,7 +164,7 @@ class Chaos:
             "AGENTBUS_TRACE_DIR": str(home / "traces"),
         }
         self.sup = ServiceReplicas(
-            StackSettings(home=str(home)), base_port=self.rng.randrange(20000, 29000, 100), env=env
+            StackSettings(home=str(home)), base_port=free_base_port(rng=self.rng), env=env
         )
         self.stack = StackSettings()
         self.result = ChaosResult(config, prefix, groups=self.groups)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 from cassandra.cluster import Cluster, Session
 
-from infra.local.services import ServiceReplicas
+from infra.local.services import ServiceReplicas, free_base_port
 from infra.local.stack import SERVERS, StackSettings
 from shared.cassandra import Statements, connect
 from shared.migrations import apply_migrations
@@ -159,9 +158,7 @@ def service_processes(
         "AGENTBUS_TRACE_DIR": str(tmp_path / "traces"),
         "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
-    sup = ServiceReplicas(
-        StackSettings(home=str(tmp_path)), base_port=random.randrange(20000, 29000, 100), env=env
-    )
+    sup = ServiceReplicas(StackSettings(home=str(tmp_path)), base_port=free_base_port(), env=env)
 
     def start(**counts: int) -> ServiceReplicas:
         names = {"ingress": 1, "tool_exec": 1, "checkpoint": 1, "reasoning": 2} | counts

@@ -10,9 +10,7 @@ import asyncio
 import datetime as dt
 import io
 import os
-import random
 import signal
-import socket
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 
 from agentctl import cli, commands
 from agentctl.commands import AgentClient
-from infra.local.services import ReplicaStartError, ServiceReplicas
+from infra.local.services import ReplicaStartError, ServiceReplicas, free_base_port
 from infra.local.stack import StackSettings, _proc_start_time
 from services.ingress.signing import signature_matches
 from shared.avro import default_codec
@@ -341,27 +339,12 @@ def test_sessions_lists_the_tenants_index(
 HERE = Path(__file__).resolve().parent
 
 
-def _free_base_port() -> int:
-    """A base port whose 12 ports above it are free (two stand-in services, replicas 1..9)."""
-    for _ in range(50):
-        base = random.randrange(20000, 40000, 100)
-        ports = [base + 10 * s + r for s in range(2) for r in range(1, 10)]
-        try:
-            for port in ports:
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free port range")
-
-
 def _supervisor(tmp_path: Path, **env: str) -> ServiceReplicas:
     pythonpath = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH", "")) if p)
     return ServiceReplicas(
         StackSettings(home=str(tmp_path)),
         modules={"fake": "fake_service", "other": "fake_service"},
-        base_port=_free_base_port(),
+        base_port=free_base_port(services=2),
         env={"PYTHONPATH": pythonpath, **env},
     )
 
