@@ -7,10 +7,12 @@ no session ever waits on a tool (tool results come back as inbox records).
 
 Each processed record is published in ONE Kafka transaction of its input
 partition's producer: the SessionEvents (to the same partition number of
-``agentbus.events``), the ToolCalls, the AgentResponses, and the group offset.
-The offset committed is the partition's watermark (the oldest unfinished record),
-so a crash redelivers every unfinished record; duplicates are recognised from the
-session's state (a turn already seen, a tool result no longer pending).
+``agentbus.events``), the ToolCalls and the AgentResponses. The group offset, the
+partition's watermark (the oldest unfinished record), rides one transaction per
+``AGENTBUS_REASONING_OFFSET_COMMIT_S`` (see :class:`shared.kafka.GroupCommitter`),
+so a crash redelivers every unfinished record and the finished ones of the last
+interval; duplicates are recognised from the session's state (a turn already seen,
+a tool result no longer pending).
 
 Where a session's state comes from (DESIGN.md "Sources of truth"): Redis hot
 context when it holds the session's head ``seq``, else a rebuild from Cassandra
@@ -19,7 +21,9 @@ checkpoint has caught up to the head. The head is known because reasoning writes
 each session's events to the events partition with the same number as its inbox
 partition: on assignment the new owner reads that events partition from the
 checkpoint group's committed offset to its end. That scan, plus each commit made
-since, is the only in-memory state, and it is rebuilt from Kafka on assignment.
+since, is the only in-memory state that matters, and it is rebuilt from Kafka on
+assignment; the states this replica committed are also cached in memory
+(:mod:`services.reasoning.cache`), used only at the session's head seq.
 """
 
 from __future__ import annotations
