@@ -99,7 +99,7 @@ def _render(template: Path, out: Path, **values: str) -> None:
     out.write_text(string.Template(template.read_text()).substitute(values))
 
 
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -209,7 +209,7 @@ class Server:
         """Start the process unless ours is already running; True when it was started now."""
         if self.running_pid() is not None:
             return False
-        if _port_open(self.port):
+        if port_open(self.port):
             raise SystemExit(
                 f"{self.name}: port {self.port} is taken by a process this launcher did not start; "
                 f"stop it or choose another port (see `python -m infra.local.stack env`)"
@@ -325,7 +325,7 @@ class Kafka(Server):
         ]
 
     def healthy(self) -> bool:
-        if not _port_open(self.port):
+        if not port_open(self.port):
             return False
         return asyncio.run(_kafka_metadata_ok(f"127.0.0.1:{self.port}"))
 
@@ -404,7 +404,7 @@ class Cassandra(Server):
         ]
 
     def healthy(self) -> bool:
-        if not _port_open(self.port):
+        if not port_open(self.port):
             return False
         from shared.cassandra import make_cluster
         from shared.settings import CassandraSettings
@@ -454,7 +454,7 @@ class Redis(Server):
         ]
 
     def healthy(self) -> bool:
-        if not _port_open(self.port):
+        if not port_open(self.port):
             return False
         import redis
 

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.agentbus_side import Deployment, deployed, measure
-from tests.bench.peers.common import REPO_ROOT, PeerResult, Workload, percentile
+from tests.bench.peers.common import REPO_ROOT, PeerResult, Workload, peer_command, percentile
 
 DOCS = REPO_ROOT / "docs" / "bench"
 README = REPO_ROOT / "README.md"
@@ -84,23 +84,9 @@ def run_peer(peer: str, workload: Workload, model_latency_ms: float) -> PeerResu
     """A peer in its own process (its memory is its own), on the same Triton model and latency."""
     env = dict(os.environ)
     env["AGENTBUS_TRITON_SAMPLING"] = json.dumps({"latency_ms": model_latency_ms})
-    command = [
-        sys.executable,
-        "-m",
-        "tests.bench.peers",
-        "--peer",
-        peer,
-        "--sessions",
-        str(workload.sessions),
-        "--steps",
-        str(workload.steps),
-        "--model-latency-ms",
-        "0",  # the model waits itself (latency_ms above), as it does for agentbus
-        "--tool-latency-ms",
-        str(workload.tool_latency_s * 1000),
-        "--concurrency",
-        str(workload.concurrency),
-    ]
+    # The workload adds no model latency of its own (model_latency_s 0): the model waits itself
+    # (latency_ms above), as it does for agentbus.
+    command = peer_command(peer, workload)
     done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{peer} failed:\n{done.stderr[-3000:]}")

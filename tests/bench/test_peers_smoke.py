@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 
-from tests.bench.peers.common import REPO_ROOT, PeerResult, Workload, format_seconds, percentile
+from tests.bench.peers.common import (
+    REPO_ROOT,
+    PeerResult,
+    Workload,
+    format_seconds,
+    peer_command,
+    percentile,
+)
 
 pytestmark = pytest.mark.bench
 
@@ -38,24 +44,15 @@ def test_percentile_interpolates() -> None:
 
 
 def run_peer(peer: str) -> PeerResult:
+    workload = Workload(
+        SESSIONS,
+        STEPS,
+        model_latency_s=MODEL_LATENCY_MS / 1000,
+        tool_latency_s=TOOL_LATENCY_MS / 1000,
+        concurrency=2,
+    )
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.bench.peers",
-            "--peer",
-            peer,
-            "--sessions",
-            str(SESSIONS),
-            "--steps",
-            str(STEPS),
-            "--model-latency-ms",
-            str(MODEL_LATENCY_MS),
-            "--tool-latency-ms",
-            str(TOOL_LATENCY_MS),
-            "--concurrency",
-            "2",
-        ],
+        peer_command(peer, workload),
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -32,7 +32,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from infra.local.services import ServiceReplicas, free_base_port
-from infra.local.stack import Cassandra, Kafka, Redis, StackSettings, _port_open
+from infra.local.stack import Cassandra, Kafka, Redis, StackSettings, port_open
 from shared.avro import default_codec
 from shared.kafka import make_producer
 from shared.service import session_key
@@ -397,7 +397,7 @@ class Chaos:
             await asyncio.to_thread(server.stop, 60.0)
         # Start only once the old process is gone and its port is free (a JVM takes a moment).
         for _ in range(600):
-            if server.running_pid() is None and not _port_open(server.port):
+            if server.running_pid() is None and not port_open(server.port):
                 break
             await asyncio.sleep(0.1)
         await asyncio.to_thread(server.start, lambda _msg: None)

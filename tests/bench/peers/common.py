@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from infra.local.stack import port_open  # stdlib only: the launcher's own readiness check
 from shared.prompt import Message, ToolSpec, build_prompt
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "free_port",
     "load_agent_spec",
     "memory_of",
+    "peer_command",
     "percentile",
     "port_open",
     "render_prompt",
@@ -292,6 +294,27 @@ def summarize(
 # --------------------------------------------------------------------------- processes and memory
 
 
+def peer_command(peer: str, workload: Workload) -> list[str]:
+    """The ``python -m tests.bench.peers`` command line that runs ``workload`` on ``peer``."""
+    return [
+        sys.executable,
+        "-m",
+        "tests.bench.peers",
+        "--peer",
+        peer,
+        "--sessions",
+        str(workload.sessions),
+        "--steps",
+        str(workload.steps),
+        "--model-latency-ms",
+        str(workload.model_latency_s * 1000),
+        "--tool-latency-ms",
+        str(workload.tool_latency_s * 1000),
+        "--concurrency",
+        str(workload.concurrency),
+    ]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -394,11 +417,3 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, interval_
         if time.monotonic() > deadline:
             raise PeerError(f"{what} not ready within {timeout_s:.0f} s")
         time.sleep(interval_s)
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
