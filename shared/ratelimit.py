@@ -75,7 +75,7 @@ class BucketScript:
         return int(reply[0]), int(reply[1]) / 1000, float(reply[2])
 
 
-@dataclass
+@dataclass(eq=False)  # one caller's take: compared (queue removal) by identity, not by value
 class _Want:
     cost: int
     future: asyncio.Future[float]
