@@ -47,6 +47,20 @@ class StoredEvent:
     occurred_at: dt.datetime
 
 
+def _values(e: StoredEvent) -> tuple[object, ...]:
+    return (
+        e.tenant_id,
+        e.session_id,
+        bucket_of(e.seq),
+        e.seq,
+        e.turn_id,
+        e.event_type,
+        e.record,
+        e.trace_id,
+        e.occurred_at,
+    )
+
+
 class EventLog:
     """Reads and idempotent batched writes of ``session_events``."""
 
@@ -55,26 +69,26 @@ class EventLog:
 
     async def append(self, events: Sequence[StoredEvent]) -> None:
         """Write ``events``; one unlogged batch per Cassandra partition (same session and bucket)."""
-        insert = self._st.get(_INSERT)
         key = lambda e: (e.tenant_id, e.session_id, bucket_of(e.seq))  # noqa: E731
-        for (tenant, session, bucket), group in groupby(sorted(events, key=key), key=key):
+        for _, group in groupby(sorted(events, key=key), key=key):
             batch = BatchStatement(batch_type=BatchType.UNLOGGED)
-            for e in group:
-                batch.add(
-                    insert,
-                    (
-                        tenant,
-                        session,
-                        bucket,
-                        e.seq,
-                        e.turn_id,
-                        e.event_type,
-                        e.record,
-                        e.trace_id,
-                        e.occurred_at,
-                    ),
-                )
+            self.add_inserts(batch, list(group))
             await execute(self._st.session, batch)
+
+    def add_inserts(self, batch: BatchStatement, events: Sequence[StoredEvent]) -> None:
+        """Add the idempotent inserts of ``events`` to ``batch`` (the caller executes it)."""
+        insert = self._st.get(_INSERT)
+        for e in events:
+            batch.add(insert, _values(e))
+
+    def replicas(self, event: StoredEvent) -> frozenset[str] | None:
+        """The nodes holding ``event``'s partition (the driver's token map), or ``None`` if unknown."""
+        bound = self._st.get(_INSERT).bind(_values(event))
+        try:
+            hosts = self._st.session.cluster.metadata.get_replicas(self._st.keyspace, bound.routing_key)
+        except Exception:  # noqa: BLE001 - no token map (yet): the caller writes alone
+            return None
+        return frozenset(str(h.host_id or h.endpoint) for h in hosts) or None
 
     async def read(self, tenant_id: str, session_id: str, *, from_seq: int = 0) -> list[StoredEvent]:
         """Every event of the session with ``seq >= from_seq``, in ``seq`` order."""

@@ -1,9 +1,13 @@
 """The checkpoint service: projects ``agentbus.events`` into Cassandra, then commits.
 
-One loop: poll a batch, write it (event log, session index, snapshots), dead-letter
-what does not decode, and only then commit the batch's offsets. A failed write is
-never skipped: the consumer seeks back to the batch's first offsets and the same
-records come again after a backoff; every write is idempotent, so that is harmless.
+One loop: poll a batch, write it (event log and session index, one Cassandra batch per
+session, sessions concurrently; then snapshots), dead-letter what does not decode, and
+only then mark the batch's offsets for commit. Offsets are committed every
+``AGENTBUS_CHECKPOINT_COMMIT_INTERVAL_MS``, when the consumer goes idle, when partitions
+are revoked and on stop: never past a record that is not written. A failed write is never
+skipped: the consumer seeks back to the batch's first offsets and the same records come
+again after a backoff; every write is idempotent, so that is harmless, and so is
+re-reading up to one interval's worth of written records after a crash.
 
 Why not faust-streaming: faust acks a record when its agent moves to the next one
 and commits acked offsets on a timer (``broker_commit_every``/``_interval``), so "commit
@@ -34,16 +38,18 @@ from services.checkpoint.handlers import (
     Rejected,
     SessionProgress,
     SnapshotGapError,
-    advance_session,
     decode_batch,
+    group_writes,
     session_progress,
     snapshot_points,
+    write_sessions,
+    write_size,
     write_snapshots,
 )
 from services.checkpoint.settings import CheckpointSettings
 from shared.avro import AvroCodec, default_codec
 from shared.cassandra import Statements, connect_when_reachable
-from shared.eventlog import EventLog
+from shared.eventlog import EventLog, StoredEvent
 from shared.kafka import make_consumer, make_producer, poll, start_when_reachable
 from shared.metrics import LagMonitor, observe_checkpoint
 from shared.service import Probes, client_id, dead_letter_record
@@ -77,12 +83,17 @@ BACKOFF_MAX_S = 10.0
 
 
 class _Membership(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Knows whether the consumer has joined its group (an empty assignment is still joined)."""
+    """Knows whether the consumer has joined its group (an empty assignment is still joined);
+    commits what was written of revoked partitions before they move."""
 
     def __init__(self) -> None:
         self.joined = False
+        self.checkpointer: Checkpointer | None = None
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        if self.checkpointer is not None:
+            await self.checkpointer.commit(only=revoked)
         for tp in revoked:
             with contextlib.suppress(KeyError):
                 LAG.remove(str(tp.partition))
@@ -116,23 +127,35 @@ class Checkpointer:
         self._statements = statements
         self._eventlog = EventLog(statements)
         self._codec = codec
+        self._writes = asyncio.Semaphore(max(1, settings.write_concurrency))
+        self._written: dict[TopicPartition, int] = {}  # next offset to commit, per partition
+        self._last_commit = time.monotonic()
 
     async def checkpoint(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        """Project ``batch`` and commit it.
+        """Project ``batch``; its offsets are committed by :meth:`commit`.
 
-        Each record gets a span in its turn's trace (from its ``traceparent``), from the start
-        of the batch until the batch is committed.
+        The records that one reasoning step published (one ``traceparent``) get one span in
+        their turn's trace, from the start of the batch until it is written.
 
         Raises:
-            BatchFailedError: a write or the commit failed; nothing of the batch is committed.
+            BatchFailedError: a write failed; nothing of the batch is marked for commit.
         """
         size = sum(len(rs) for rs in batch.values())
+        steps: dict[bytes, list[ConsumerRecord]] = {}
+        for rs in batch.values():
+            for r in rs:
+                steps.setdefault(_traceparent(r), []).append(r)
         spans = [
             start_consume_span(
-                "checkpoint.append", r.headers, attributes={**record_attributes(r), "agentbus.batch": size}
+                "checkpoint.append",
+                rs[0].headers,
+                attributes={
+                    **record_attributes(rs[0]),
+                    "messaging.batch.message_count": len(rs),
+                    "agentbus.batch": size,
+                },
             )
-            for rs in batch.values()
-            for r in rs
+            for rs in steps.values()
         ]
         try:
             await self._checkpoint(batch)
@@ -148,33 +171,72 @@ class Checkpointer:
         records = [_in_record(r) for rs in batch.values() for r in rs]
         decoded = decode_batch(self._codec, records)
         now = dt.datetime.now(dt.UTC)
-        try:
-            if decoded.events:
-                await self._eventlog.append(decoded.events)
-        except Exception as exc:  # any driver error: retry the batch, never skip it
-            raise BatchFailedError("events", exc) from exc
-        EVENTS_WRITTEN.inc(len(decoded.events))
-        progress = session_progress(decoded.events).values()
-        # Sessions are independent: their index rows and snapshots are written concurrently.
-        indexed = await asyncio.gather(
-            *(advance_session(self._statements, p, now) for p in progress), return_exceptions=True
+        by_session: dict[tuple[str, str], list[StoredEvent]] = {}
+        for e in decoded.events:
+            by_session.setdefault((e.tenant_id, e.session_id), []).append(e)
+        progress = session_progress(decoded.events)
+
+        groups = group_writes(
+            (
+                (sid, self._eventlog.replicas(events[0]), write_size(events))
+                for sid, events in by_session.items()
+            ),
+            self._settings.write_batch_bytes,
         )
-        _raise_first("sessions", indexed)
-        snapshots = await asyncio.gather(*(self._snapshot(p, now) for p in progress), return_exceptions=True)
+
+        async def write(group: list[tuple[str, str]]) -> None:
+            async with self._writes:
+                parts = [(by_session[sid], progress[sid]) for sid in group]
+                await write_sessions(self._statements, self._eventlog, parts, now)
+
+        # Sessions are independent: each group (same replicas) is one request, and the
+        # groups of a batch are written concurrently.
+        written = await asyncio.gather(*(write(g) for g in groups), return_exceptions=True)
+        _raise_first("events", written)
+        EVENTS_WRITTEN.inc(len(decoded.events))
+        snapshots = await asyncio.gather(
+            *(self._snapshot(p, now) for p in progress.values()), return_exceptions=True
+        )
         SNAPSHOTS_WRITTEN.inc(sum(_raise_first("snapshots", snapshots)))
         # Dead letters after the Cassandra writes, so a Cassandra retry does not repeat them.
         try:
             await self._dead_letter(decoded.rejected)
         except KafkaError as exc:
             raise BatchFailedError("dlq", exc) from exc
-        offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+        for tp, rs in batch.items():
+            if rs:
+                self._written[tp] = rs[-1].offset + 1
+        if decoded.events:
+            observe_checkpoint(min(e.occurred_at for e in decoded.events))
+
+    async def commit_due(self, *, idle: bool = False) -> None:
+        """Commit what is written once the commit interval has passed, or at once when ``idle``."""
+        interval_s = self._settings.commit_interval_ms / 1000
+        if self._written and (idle or time.monotonic() - self._last_commit >= interval_s):
+            await self.commit()
+
+    async def commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        """Commit the written offsets (of ``only``, if given) of partitions still assigned.
+
+        A failed commit is logged, not raised: what it covered is written, and whoever owns
+        the partition next re-reads from the last commit and rewrites it idempotently.
+        """
+        assigned = self._consumer.assignment()
+        wanted = set(self._written) if only is None else set(only) & set(self._written)
+        offsets = {tp: self._written[tp] for tp in wanted if tp in assigned}
+        for tp in wanted:
+            self._written.pop(tp, None)
+        self._last_commit = time.monotonic()
+        if not offsets:
+            return
         try:
             await self._consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError, KafkaError) as exc:
-            # E.g. the group rebalanced: whoever owns the partitions now re-reads from the last commit.
-            raise BatchFailedError("commit", exc) from exc
-        if decoded.events:
-            observe_checkpoint(min(e.occurred_at for e in decoded.events))
+            BATCH_FAILURES.labels("commit").inc()
+            log.warning("committing checkpoint offsets failed (%s); they will be re-read", exc)
+            for tp, offset in offsets.items():
+                if tp in self._consumer.assignment():
+                    self._written.setdefault(tp, offset)
 
     async def _snapshot(self, p: SessionProgress, now: dt.datetime) -> int:
         points = snapshot_points(p.first_seq, p.last_seq, self._settings.snapshot_every)
@@ -242,6 +304,13 @@ def _raise_first(stage: str, results: Sequence[T | BaseException]) -> list[T]:
     return out
 
 
+def _traceparent(r: ConsumerRecord) -> bytes:
+    for key, value in r.headers or ():
+        if key == "traceparent":
+            return bytes(value)
+    return b""
+
+
 def _in_record(r: ConsumerRecord) -> InRecord:
     return InRecord(r.topic, r.partition, r.offset, r.key, r.value, tuple(r.headers or ()))
 
@@ -272,7 +341,12 @@ async def run_checkpoint(settings: CheckpointSettings, stop: asyncio.Event, prob
         lag_monitor.start()
         probes.started = True
         checkpointer = Checkpointer(settings, consumer, producer, statements, codec)
-        await _loop(settings, consumer, checkpointer, stop)
+        membership.checkpointer = checkpointer
+        try:
+            await _loop(settings, consumer, checkpointer, stop)
+        finally:
+            with contextlib.suppress(Exception):
+                await checkpointer.commit()
     finally:
         probes.started = False
         await lag_monitor.stop()
@@ -322,6 +396,7 @@ async def _loop(
                 continue
             backoff = BACKOFF_START_S
             BATCH_SECONDS.observe(time.perf_counter() - started)
+        await checkpointer.commit_due(idle=not batch)
         await checkpointer.update_lag()
 
 

@@ -321,15 +321,15 @@ async def test_a_failing_cassandra_write_is_retried_never_skipped(
     await produce(topics, [(session_key(tenant, "s"), v) for v in encoded])
 
     failures = {"left": 3}
-    real_append = EventLog.append
+    real_write = checkpoint_main.write_sessions
 
-    async def flaky_append(self: EventLog, events: Any) -> None:
+    async def flaky_write(*args: Any) -> None:
         if failures["left"] > 0:
             failures["left"] -= 1
             raise ConnectionError("cassandra went away")
-        await real_append(self, events)
+        await real_write(*args)
 
-    monkeypatch.setattr(EventLog, "append", flaky_append)
+    monkeypatch.setattr(checkpoint_main, "write_sessions", flaky_write)
     monkeypatch.setattr(checkpoint_main, "BACKOFF_START_S", 0.05)
     failed_before = metric("agentbus_checkpoint_batch_failures_total", {"stage": "events"})
     running = Running(settings_for(topics, cassandra_settings, batch_max_events=25, snapshot_every=50))
@@ -383,3 +383,54 @@ async def test_the_session_index_only_moves_forward_without_lwt(statements: Stat
     row = await index()
     assert (row["last_seq"], row["status"], row["last_turn_id"]) == (12, "running", "t2")
     assert row["updated_at"].replace(tzinfo=dt.UTC) == t0 + dt.timedelta(seconds=12)
+
+
+async def test_offsets_are_committed_only_once_written_and_then_without_waiting_for_the_interval(
+    topics: KafkaSettings,
+    cassandra_settings: CassandraSettings,
+    statements: Statements,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+    n_events = 30
+    encoded = [codec.encode("SessionEvent", session_event(tenant, "s", seq)) for seq in range(n_events)]
+    await produce(topics, [(session_key(tenant, "s"), v) for v in encoded])
+    parts = [TopicPartition(topics.topic("events"), p) for p in range(3)]
+
+    failing = {"on": True, "calls": 0}
+    real_write = checkpoint_main.write_sessions
+
+    async def down_until_told(*args: Any) -> None:
+        failing["calls"] += 1
+        if failing["on"]:
+            raise ConnectionError("cassandra went away")
+        await real_write(*args)
+
+    monkeypatch.setattr(checkpoint_main, "write_sessions", down_until_told)
+    monkeypatch.setattr(checkpoint_main, "BACKOFF_START_S", 0.05)
+    # An interval far longer than the test: the commit it sees is the one made on going idle.
+    settings = settings_for(topics, cassandra_settings, commit_interval_ms=600_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=topics.kafka_bootstrap)
+    await admin.start()
+    consumer = make_consumer(topics, group_id=None, client_id="test-checkpoint-ends")
+    await consumer.start()
+
+    async def committed_to_the_end() -> bool:
+        ends = await consumer.end_offsets(parts)
+        offsets = await admin.list_consumer_group_offsets(settings.group_id, partitions=parts)
+        return all(max(0, meta.offset if (meta := offsets.get(tp)) else 0) == ends[tp] for tp in parts)
+
+    running = Running(settings)
+    try:
+        await wait_for("failing writes", lambda: asyncio.sleep(0, failing["calls"] >= 3))
+        offsets = await admin.list_consumer_group_offsets(settings.group_id, partitions=parts)
+        assert all(meta is None or meta.offset <= 0 for meta in offsets.values()), offsets  # none written
+        failing["on"] = False
+        await wait_for("the commit on going idle", committed_to_the_end)
+        assert [e.seq for e in await EventLog(statements).read(tenant, "s")] == list(range(n_events))
+    finally:
+        await running.stop()
+        await consumer.stop()
+        await admin.close()

@@ -98,3 +98,38 @@ def test_session_progress_takes_the_newest_event_whatever_the_order() -> None:
         ("t", "b"): (7, 8, "t8", "running"),
         ("u", "a"): (1, 1, "t1", "idle"),
     }
+
+
+def test_group_writes_puts_sessions_on_the_same_replicas_together_up_to_the_size() -> None:
+    from services.checkpoint.handlers import group_writes
+
+    a, b = frozenset({"node-a"}), frozenset({"node-b"})
+    sessions = [
+        (("t", "1"), a, 6_000),
+        (("t", "2"), b, 6_000),
+        (("t", "3"), a, 6_000),
+        (("t", "4"), a, 6_000),  # would pass 16 KB with 1 and 3: starts a new group
+        (("t", "5"), None, 10),  # replicas unknown: alone
+        (("t", "6"), a, 40_000),  # bigger than the limit: alone, never split
+        (("t", "7"), b, 6_000),
+    ]
+    groups = group_writes(sessions, max_bytes=16_384)
+    assert groups == [
+        [("t", "1"), ("t", "3")],
+        [("t", "2"), ("t", "7")],
+        [("t", "4")],
+        [("t", "5")],
+        [("t", "6")],
+    ]
+    assert sorted(s for g in groups for s in g) == sorted(s for s, _, _ in sessions)  # each once
+
+
+def test_group_writes_with_a_limit_of_one_byte_writes_each_session_alone() -> None:
+    from services.checkpoint.handlers import group_writes
+
+    same = frozenset({"node"})
+    assert group_writes([(("t", str(i)), same, 500) for i in range(3)], max_bytes=1) == [
+        [("t", "0")],
+        [("t", "1")],
+        [("t", "2")],
+    ]
