@@ -12,6 +12,14 @@ Callers of :meth:`TokenBucket.take` in one process share round trips: while one 
 Redis is in flight the others queue, and the next call asks for all of them at once
 (granting as many as the bucket holds, oldest first). Under load a replica then pays one
 script call per batch of model calls instead of one per call; the shared limit is the same.
+
+A bucket may also keep a short **lease**: while the shared bucket is at least half full
+(the limit is not biting), a script call asks for up to ``lease`` tokens more than its
+callers need, never more than ``rate * lease_s`` (what the bucket refills meanwhile), and
+the next callers within ``lease_s`` take those without a round trip. Tokens are still taken
+from the one shared bucket before they are used, so N replicas together never exceed the
+rate; an unused lease expires after ``lease_s`` and is lost (only when the bucket had
+room to spare). Under contention no lease is taken, and the bucket is exact as before.
 """
 
 from __future__ import annotations
@@ -87,13 +95,29 @@ class _Want:
 class TokenBucket:
     """``bucket:{name}`` with ``rate`` tokens per second and room for ``burst``."""
 
-    def __init__(self, client: aioredis.Redis, name: str, *, rate: float, burst: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        name: str,
+        *,
+        rate: float,
+        burst: int,
+        lease: int = 0,
+        lease_s: float = 0.1,
+    ) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("a token bucket needs rate > 0 and burst >= 1")
+        if lease < 0 or lease_s < 0:
+            raise ValueError("a token bucket's lease and lease_s must be >= 0")
         self.name = name
         self._key = f"bucket:{name}"
         self._rate = rate
         self._burst = burst
+        self._lease = min(lease, int(rate * lease_s))  # no more than refills within the lease
+        self._lease_s = lease_s
+        self._spare = 0  # leased tokens not handed out yet
+        self._spare_until = 0.0  # loop time when they expire
+        self._left = float(burst)  # tokens the shared bucket held at the last call
         self._script = BucketScript(client)
         self._queue: list[_Want] = []
         self._server: asyncio.Task[None] | None = None
@@ -104,8 +128,15 @@ class TokenBucket:
         granted, wait_s, left = await self._script.take(
             self._key, rate=self._rate, burst=self._burst, cost=cost, least=least
         )
+        self._left = left
         observe_bucket(self.name, tokens=left, rate=self._rate, burst=self._burst, granted=granted >= least)
         return granted, wait_s
+
+    def _from_lease(self, cost: int, now: float) -> bool:
+        if self._spare >= cost and now < self._spare_until:
+            self._spare -= cost
+            return True
+        return False
 
     async def try_take(self, cost: int = 1) -> tuple[bool, float]:
         """Take ``cost`` tokens if there are enough; else (False, seconds to wait)."""
@@ -123,6 +154,8 @@ class TokenBucket:
         if cost > self._burst:
             raise ValueError(f"{self._key}: cost {cost} is above the burst {self._burst}")
         loop = asyncio.get_running_loop()
+        if not self._queue and self._from_lease(cost, loop.time()):
+            return 0.0
         want = _Want(cost, loop.create_future(), loop.time(), loop.time() + max_wait_s)
         self._queue.append(want)
         if self._server is None or self._server.done():
@@ -142,6 +175,8 @@ class TokenBucket:
                     want.future.set_exception(TimeoutError(f"{self._key}: no token within the deadline"))
                     continue
                 live.append(want)
+            while live and self._from_lease(live[0].cost, now):
+                live.pop(0).future.set_result(0.0)
             self._queue = live
             if not live:
                 return
@@ -151,8 +186,9 @@ class TokenBucket:
                     break
                 batch.append(want)
                 total += want.cost
+            extra = self._lease if self._left >= self._burst / 2 else 0
             try:
-                granted, wait_s = await self._call(total, batch[0].cost)
+                granted, wait_s = await self._call(min(self._burst, total + extra), batch[0].cost)
             except BaseException as exc:
                 for want in batch:
                     if not want.future.done():
@@ -172,6 +208,9 @@ class TokenBucket:
                 if not want.future.done():
                     want.future.set_result(0.0 if want.asked == 1 else done - want.queued_at)
                 self._queue.remove(want)
+            if granted > 0:  # a lease (or the share of a caller cancelled meanwhile)
+                kept = self._spare if done < self._spare_until else 0
+                self._spare, self._spare_until = kept + granted, done + self._lease_s
             if wait_s > 0 and self._queue:
                 with bucket_waiting(self.name):
                     await asyncio.sleep(min(wait_s, max(0.0, min(w.deadline for w in self._queue) - done)))

@@ -603,7 +603,14 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
     statements = Statements(session, settings.cassandra_keyspace)
     triton = make_triton_client(settings)
     model = TritonModel(triton, settings)
-    bucket = TokenBucket(redis, "model", rate=settings.model_rate_per_s, burst=settings.model_burst)
+    bucket = TokenBucket(
+        redis,
+        "model",
+        rate=settings.model_rate_per_s,
+        burst=settings.model_burst,
+        lease=settings.model_bucket_lease,
+        lease_s=settings.model_bucket_lease_ms / 1000,
+    )
     model_slots = asyncio.Semaphore(settings.max_inflight_model_calls)
 
     async def call_model(prompt: str) -> str:

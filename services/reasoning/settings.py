@@ -26,6 +26,14 @@ class ReasoningSettings(ServiceSettings, KafkaSettings, CassandraSettings, Redis
     )
     model_rate_per_s: float = setting("AGENTBUS_MODEL_RATE_PER_S", 200.0, "Model calls/s, shared by replicas")
     model_burst: int = setting("AGENTBUS_MODEL_BURST", 50, "Token bucket size of model calls")
+    model_bucket_lease: int = setting(
+        "AGENTBUS_MODEL_BUCKET_LEASE",
+        16,
+        "Model tokens a replica may take ahead while the shared bucket is over half full (0: none)",
+    )
+    model_bucket_lease_ms: int = setting(
+        "AGENTBUS_MODEL_BUCKET_LEASE_MS", 100, "How long tokens taken ahead stay usable before they lapse"
+    )
     max_inflight_model_calls: int = setting(
         "AGENTBUS_MAX_INFLIGHT_MODEL_CALLS", 64, "Above this the consumer pauses its partitions"
     )

@@ -123,3 +123,44 @@ async def test_concurrent_takes_share_script_calls_and_the_rate_still_holds(
         await tight.take(max_wait_s=0.0)  # the bucket is empty: no token by now
     with pytest.raises(ValueError):
         await tight.take(6)  # above the burst: could never be granted
+
+
+
+async def test_a_lease_saves_round_trips_while_the_bucket_has_room_and_never_passes_the_rate(
+    redis_client, run_id: str
+) -> None:  # type: ignore[no-untyped-def]
+    from shared.ratelimit import TokenBucket
+
+    # Room to spare: one script call serves a run of takes one after another.
+    roomy = TokenBucket(redis_client, f"lease-roomy-{run_id}", rate=1e4, burst=100, lease=16, lease_s=1.0)
+    for _ in range(34):
+        assert await roomy.take() == 0.0
+    assert roomy.script_calls == 2, roomy.script_calls  # 1 + 16 leased, twice
+    plain = TokenBucket(redis_client, f"lease-plain-{run_id}", rate=1e4, burst=100)
+    for _ in range(34):
+        await plain.take()
+    assert plain.script_calls == 34
+
+    # A lease lapses: tokens taken ahead are not used after lease_s.
+    lapsing = TokenBucket(redis_client, f"lease-lapse-{run_id}", rate=1e4, burst=100, lease=16, lease_s=0.05)
+    await lapsing.take()
+    await asyncio.sleep(0.1)
+    await lapsing.take()
+    assert lapsing.script_calls == 2
+
+    # Two replicas with leases on one tight bucket: together never above burst + rate * t.
+    name = f"lease-tight-{run_id}"
+    replicas = [TokenBucket(redis_client, name, rate=20.0, burst=10, lease=5, lease_s=0.25) for _ in range(2)]
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    granted_at: list[float] = []
+
+    async def take(bucket: TokenBucket) -> None:
+        await bucket.take(max_wait_s=5)
+        granted_at.append(loop.time() - t0)
+
+    await asyncio.gather(*(take(replicas[i % 2]) for i in range(30)))
+    granted_at.sort()
+    for k, t in enumerate(granted_at, start=1):
+        assert k <= 10 + 20.0 * t + 1, (k, t, granted_at)  # burst + refill (+1 for rounding)
+    assert granted_at[-1] >= 0.9  # (30 - 10) / 20 = 1 s: the rate held
