@@ -125,7 +125,6 @@ async def test_concurrent_takes_share_script_calls_and_the_rate_still_holds(
         await tight.take(6)  # above the burst: could never be granted
 
 
-
 async def test_a_lease_saves_round_trips_while_the_bucket_has_room_and_never_passes_the_rate(
     redis_client, run_id: str
 ) -> None:  # type: ignore[no-untyped-def]
