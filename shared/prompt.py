@@ -149,11 +149,29 @@ def _tool_line(tool: ToolSpec) -> str:
     return dumps_json({"name": tool.name, "description": tool.description, "parameters": tool.parameters})
 
 
+# The tools section of the prompts of a tool list, by the list's identity: a replica builds
+# one prompt per model call from the same few ToolSpec objects. The cached tuple keeps them
+# alive, so an id cannot be reused while its entry stands.
+_TOOL_SECTIONS: dict[tuple[int, ...], tuple[tuple[ToolSpec, ...], str]] = {}
+
+
+def _tools_section(tools: Sequence[ToolSpec]) -> str:
+    key = tuple(map(id, tools))
+    hit = _TOOL_SECTIONS.get(key)
+    if hit is not None:
+        return hit[1]
+    lines = "\n".join(_tool_line(tool) for tool in tools)
+    section = f"{TOOLS_PREAMBLE}<tools>\n{lines}\n</tools>\n{TOOLS_POSTAMBLE}"
+    if len(_TOOL_SECTIONS) >= 64:
+        _TOOL_SECTIONS.clear()
+    _TOOL_SECTIONS[key] = (tuple(tools), section)
+    return section
+
+
 def _system_block(system: str, tools: Sequence[ToolSpec]) -> str:
     body = escape_text(system)
     if tools:
-        lines = "\n".join(_tool_line(tool) for tool in tools)
-        section = f"{TOOLS_PREAMBLE}<tools>\n{lines}\n</tools>\n{TOOLS_POSTAMBLE}"
+        section = _tools_section(tools)
         body = f"{body}\n\n{section}" if body else section
     return f"{IM_START}system\n{body}{IM_END}"
 

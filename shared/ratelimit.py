@@ -143,6 +143,10 @@ class TokenBucket:
         granted, wait_s = await self._call(cost, cost)
         return granted >= cost, wait_s
 
+    def take_leased(self, cost: int = 1) -> bool:
+        """Take ``cost`` tokens from this replica's lease if it holds them (no wait, no Redis)."""
+        return not self._queue and self._from_lease(cost, asyncio.get_running_loop().time())
+
     async def take(self, cost: int = 1, *, max_wait_s: float = 30.0) -> float:
         """Wait until ``cost`` tokens are granted; returns the seconds waited for a refill.
 
@@ -153,9 +157,9 @@ class TokenBucket:
         """
         if cost > self._burst:
             raise ValueError(f"{self._key}: cost {cost} is above the burst {self._burst}")
-        loop = asyncio.get_running_loop()
-        if not self._queue and self._from_lease(cost, loop.time()):
+        if self.take_leased(cost):
             return 0.0
+        loop = asyncio.get_running_loop()
         want = _Want(cost, loop.create_future(), loop.time(), loop.time() + max_wait_s)
         self._queue.append(want)
         if self._server is None or self._server.done():

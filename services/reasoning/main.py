@@ -618,8 +618,9 @@ async def run_reasoning(settings: ReasoningSettings, stop: asyncio.Event, probes
             MODEL_INFLIGHT.inc()
             try:
                 for attempt in range(settings.model_attempts):
-                    with child_span("model.bucket", kind=SpanKind.INTERNAL):
-                        BUCKET_WAIT.inc(await bucket.take(max_wait_s=settings.turn_deadline_s))
+                    if not bucket.take_leased():  # a token at hand needs no span
+                        with child_span("model.bucket", kind=SpanKind.INTERNAL):
+                            BUCKET_WAIT.inc(await bucket.take(max_wait_s=settings.turn_deadline_s))
                     t0 = time.perf_counter()
                     try:
                         return await model.generate(prompt)

@@ -132,13 +132,16 @@ async def test_a_lease_saves_round_trips_while_the_bucket_has_room_and_never_pas
 
     # Room to spare: one script call serves a run of takes one after another.
     roomy = TokenBucket(redis_client, f"lease-roomy-{run_id}", rate=1e4, burst=100, lease=16, lease_s=1.0)
-    for _ in range(34):
+    for _ in range(30):
         assert await roomy.take() == 0.0
     assert roomy.script_calls == 2, roomy.script_calls  # 1 + 16 leased, twice
+    assert roomy.take_leased()  # 4 of the second lease left: taken at hand, no call
+    assert roomy.script_calls == 2
     plain = TokenBucket(redis_client, f"lease-plain-{run_id}", rate=1e4, burst=100)
     for _ in range(34):
         await plain.take()
     assert plain.script_calls == 34
+    assert not plain.take_leased()  # no lease: every take asks Redis
 
     # A lease lapses: tokens taken ahead are not used after lease_s.
     lapsing = TokenBucket(redis_client, f"lease-lapse-{run_id}", rate=1e4, burst=100, lease=16, lease_s=0.05)
