@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import CommitFailedError
 
 from infra.local.services import ServiceReplicas, free_base_port
 from infra.local.stack import Cassandra, Kafka, Redis, StackSettings, port_open
@@ -490,7 +491,17 @@ class Chaos:
             parts = [TopicPartition(topic, p) for p in range(self.kafka.topic_partitions)]
             consumer.assign(parts)
             begin = await consumer.beginning_offsets(parts)
-            await consumer.commit({tp: begin[tp] for tp in parts})
+            # A replica SIGKILLed just before the stop stays a member until its session times
+            # out, and the coordinator refuses a commit from outside a non-empty group: retry.
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    await consumer.commit({tp: begin[tp] for tp in parts})
+                    break
+                except CommitFailedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(1.0)
         finally:
             await consumer.stop()
         for attempt in range(3):  # a kill fault may hit a replica while it starts
