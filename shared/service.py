@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import os
 import signal
@@ -158,6 +159,19 @@ def configure_logging(settings: ServiceSettings) -> None:
     logging.getLogger("cassandra").setLevel(logging.WARNING)
 
 
+def tune_gc(settings: ServiceSettings) -> None:
+    """Fewer cyclic-GC passes: a service allocates short-lived objects (records, spans,
+    futures) by the thousand per second, and with Python's default young-generation
+    threshold (700) it spends ~10% of its CPU collecting them. What was loaded at start-up
+    (modules, schemas) is frozen out of every later pass."""
+    if settings.gc_gen0_threshold <= 0:
+        return
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(settings.gc_gen0_threshold, max(gen1, 20), max(gen2, 20))
+
+
 async def run_service(
     settings: ServiceSettings,
     body: Callable[[asyncio.Event, Probes], Coroutine[Any, Any, None]],
@@ -168,6 +182,7 @@ async def run_service(
     Returns the process exit code.
     """
     configure_tracing(settings)
+    tune_gc(settings)
     stop = asyncio.Event()
     probes = Probes()
     loop = asyncio.get_running_loop()

@@ -99,6 +99,11 @@ class ServiceSettings(Settings):
     shutdown_grace_s: float = setting(
         "AGENTBUS_SHUTDOWN_GRACE_S", 30.0, "SIGTERM: time to finish in-flight work"
     )
+    gc_gen0_threshold: int = setting(
+        "AGENTBUS_GC_GEN0_THRESHOLD",
+        20000,
+        "Allocations between young-generation GC passes (Python's default: 700; 0 keeps it)",
+    )
     trace_dir: str = setting(
         "AGENTBUS_TRACE_DIR",
         ".local/traces",

@@ -25,3 +25,21 @@ async def test_dump_tasks_names_what_each_task_waits_on() -> None:
     text = out.getvalue()
     assert "---- the-stuck-one" in text
     assert "waits_on_a_gate" in text and "await gate.wait()" in text
+
+
+def test_tune_gc_raises_the_young_threshold_and_zero_keeps_pythons() -> None:
+    import gc
+
+    from shared.service import tune_gc
+    from shared.settings import ServiceSettings
+
+    before = gc.get_threshold()
+    try:
+        tune_gc(ServiceSettings.from_env(gc_gen0_threshold=0))
+        assert gc.get_threshold() == before
+        tune_gc(ServiceSettings.from_env(gc_gen0_threshold=12345))
+        assert gc.get_threshold()[0] == 12345
+        assert gc.get_freeze_count() > 0  # start-up objects left out of later passes
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
