@@ -20,6 +20,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.settings import RedisSettings
@@ -87,6 +88,8 @@ class HotContextStore:
         self._ttl_s = ttl_s
         self._cas = client.register_script(_CAS_SCRIPT)
         self._writer = writer
+        if writer is not None:
+            writer.uses_script(_CAS_SCRIPT)
 
     def put_later(self, tenant_id: str, session_id: str, seq: int, data: bytes) -> None:
         """:meth:`put_if_newer` through the background writer (without one: not written).
@@ -97,8 +100,13 @@ class HotContextStore:
             return
         key = context_key(tenant_id, session_id)
 
+        sha = self._cas.sha
+
         async def write(pipe: Pipeline) -> None:
-            await self._cas(keys=[key], args=[seq, data, self._ttl_s], client=pipe)
+            # EVALSHA itself, not the Script object: a Script in a pipeline makes redis-py
+            # send SCRIPT EXISTS first, a second round trip per flush (the writer reloads
+            # the script if Redis lost it).
+            pipe.evalsha(sha, 1, key, seq, data, self._ttl_s)
 
         self._writer.submit(key, write)
 
@@ -141,6 +149,13 @@ class WriteBehind:
         self._max_pending = max_pending
         self._pending: dict[str, WriteOp] = {}
         self._task: asyncio.Task[None] | None = None
+        self._scripts: list[str] = []
+
+    def uses_script(self, script: str) -> None:
+        """Ops call ``EVALSHA`` of ``script``: load it again when Redis answers NOSCRIPT (a
+        restart or a flush lost it), and send the failed writes once more."""
+        if script not in self._scripts:
+            self._scripts.append(script)
 
     @property
     def pending(self) -> int:
@@ -157,6 +172,7 @@ class WriteBehind:
             self._task = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
+        reloaded = False
         while self._pending:
             batch, self._pending = self._pending, {}
             try:
@@ -164,6 +180,14 @@ class WriteBehind:
                     for op in batch.values():
                         await op(pipe)
                     results = await pipe.execute(raise_on_error=False)
+                if not reloaded and self._scripts and any(isinstance(r, NoScriptError) for r in results):
+                    # Redis lost the scripts: load them and send this batch once more (a newer
+                    # write of a key, submitted meanwhile, still wins).
+                    reloaded = True
+                    for script in self._scripts:
+                        await self._client.script_load(script)
+                    self._pending = {**batch, **self._pending}
+                    continue
             except Exception as exc:  # noqa: BLE001 - a cache write lost; readers rebuild
                 WRITE_BEHIND.labels("failed").inc(len(batch))
                 log.warning("write-behind of %d cache entries failed: %s", len(batch), exc)

@@ -69,6 +69,36 @@ async def test_write_behind_pipelines_coalesces_and_keeps_the_compare_and_set(
     assert held is not None and (held.seq, held.data) == (11, b"ctx@11")
 
 
+async def test_write_behind_sends_one_round_trip_and_reloads_a_lost_script(
+    redis_client, run_id: str
+) -> None:  # type: ignore[no-untyped-def]
+    from shared.redis import WriteBehind
+
+    async def script_checks() -> int:
+        stats = await redis_client.info("commandstats")
+        return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+    writer = WriteBehind(redis_client)
+    store = HotContextStore(redis_client, ttl_s=60, writer=writer)
+    await redis_client.script_load(_cas_script())
+    before = await script_checks()
+    store.put_later("t1", run_id, 1, b"ctx@1")
+    await writer.flush()
+    assert await script_checks() == before  # EVALSHA straight in the pipeline, no SCRIPT EXISTS
+    # Redis lost its scripts (a restart, SCRIPT FLUSH): the writer loads it and writes again.
+    await redis_client.script_flush()
+    store.put_later("t1", run_id, 2, b"ctx@2")
+    await writer.flush()
+    held = await store.get("t1", run_id)
+    assert held is not None and (held.seq, held.data) == (2, b"ctx@2")
+
+
+def _cas_script() -> str:
+    from shared.redis import _CAS_SCRIPT
+
+    return _CAS_SCRIPT
+
+
 async def test_write_behind_survives_redis_errors_and_bounds_what_waits(run_id: str) -> None:
     from shared.redis import WRITE_BEHIND, WriteBehind, make_redis
     from shared.settings import RedisSettings
