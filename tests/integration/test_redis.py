@@ -69,9 +69,7 @@ async def test_write_behind_pipelines_coalesces_and_keeps_the_compare_and_set(
     assert held is not None and (held.seq, held.data) == (11, b"ctx@11")
 
 
-async def test_write_behind_sends_one_round_trip_and_reloads_a_lost_script(
-    redis_client, run_id: str
-) -> None:  # type: ignore[no-untyped-def]
+async def test_write_behind_sends_one_round_trip_and_reloads_a_lost_script(redis_client, run_id: str) -> None:  # type: ignore[no-untyped-def]
     from shared.redis import WriteBehind
 
     async def script_checks() -> int:
