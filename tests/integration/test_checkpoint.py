@@ -159,6 +159,28 @@ async def produce(settings: KafkaSettings, records: list[tuple[bytes, bytes]]) -
         await producer.stop()
 
 
+async def produce_session(settings: KafkaSettings, tenant: str, n_events: int) -> None:
+    """Session ``s`` of ``tenant``: events 0..n_events-1 on the events topic."""
+    encoded = [codec.encode("SessionEvent", session_event(tenant, "s", seq)) for seq in range(n_events)]
+    await produce(settings, [(session_key(tenant, "s"), v) for v in encoded])
+
+
+def writes_fail_while(monkeypatch: pytest.MonkeyPatch, failing: Callable[[], bool]) -> dict[str, int]:
+    """Make the checkpoint's Cassandra writes raise while ``failing()``; returns the call count."""
+    calls = {"n": 0}
+    real_write = checkpoint_main.write_sessions
+
+    async def flaky_write(*args: Any) -> None:
+        calls["n"] += 1
+        if failing():
+            raise ConnectionError("cassandra went away")
+        await real_write(*args)
+
+    monkeypatch.setattr(checkpoint_main, "write_sessions", flaky_write)
+    monkeypatch.setattr(checkpoint_main, "BACKOFF_START_S", 0.05)
+    return calls
+
+
 async def read_dlq(settings: KafkaSettings, want: int, within_s: float = 15.0) -> list[dict[str, Any]]:
     consumer = make_consumer(settings, group_id=None, client_id="test-dlq-reader")
     await consumer.start()
@@ -317,20 +339,14 @@ async def test_a_failing_cassandra_write_is_retried_never_skipped(
 ) -> None:
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
     n_events = 60
-    encoded = [codec.encode("SessionEvent", session_event(tenant, "s", seq)) for seq in range(n_events)]
-    await produce(topics, [(session_key(tenant, "s"), v) for v in encoded])
-
+    await produce_session(topics, tenant, n_events)
     failures = {"left": 3}
-    real_write = checkpoint_main.write_sessions
 
-    async def flaky_write(*args: Any) -> None:
-        if failures["left"] > 0:
-            failures["left"] -= 1
-            raise ConnectionError("cassandra went away")
-        await real_write(*args)
+    def three_times() -> bool:
+        failures["left"] -= 1
+        return failures["left"] >= 0
 
-    monkeypatch.setattr(checkpoint_main, "write_sessions", flaky_write)
-    monkeypatch.setattr(checkpoint_main, "BACKOFF_START_S", 0.05)
+    writes_fail_while(monkeypatch, three_times)
     failed_before = metric("agentbus_checkpoint_batch_failures_total", {"stage": "events"})
     running = Running(settings_for(topics, cassandra_settings, batch_max_events=25, snapshot_every=50))
     log = EventLog(statements)
@@ -340,7 +356,7 @@ async def test_a_failing_cassandra_write_is_retried_never_skipped(
 
     await wait_for("the log after retries", complete)
     await running.stop()
-    assert failures["left"] == 0
+    assert failures["left"] < 0  # failed three times, then wrote
     assert metric("agentbus_checkpoint_batch_failures_total", {"stage": "events"}) - failed_before == 3
     assert [e.seq for e in await log.read(tenant, "s")] == list(range(n_events))
     snaps = await statements.run(
@@ -395,21 +411,10 @@ async def test_offsets_are_committed_only_once_written_and_then_without_waiting_
 
     tenant = f"tenant-{uuid.uuid4().hex[:8]}"
     n_events = 30
-    encoded = [codec.encode("SessionEvent", session_event(tenant, "s", seq)) for seq in range(n_events)]
-    await produce(topics, [(session_key(tenant, "s"), v) for v in encoded])
+    await produce_session(topics, tenant, n_events)
     parts = [TopicPartition(topics.topic("events"), p) for p in range(3)]
-
-    failing = {"on": True, "calls": 0}
-    real_write = checkpoint_main.write_sessions
-
-    async def down_until_told(*args: Any) -> None:
-        failing["calls"] += 1
-        if failing["on"]:
-            raise ConnectionError("cassandra went away")
-        await real_write(*args)
-
-    monkeypatch.setattr(checkpoint_main, "write_sessions", down_until_told)
-    monkeypatch.setattr(checkpoint_main, "BACKOFF_START_S", 0.05)
+    down = {"on": True}
+    calls = writes_fail_while(monkeypatch, lambda: down["on"])
     # An interval far longer than the test: the commit it sees is the one made on going idle.
     settings = settings_for(topics, cassandra_settings, commit_interval_ms=600_000)
     admin = AIOKafkaAdminClient(bootstrap_servers=topics.kafka_bootstrap)
@@ -424,10 +429,10 @@ async def test_offsets_are_committed_only_once_written_and_then_without_waiting_
 
     running = Running(settings)
     try:
-        await wait_for("failing writes", lambda: asyncio.sleep(0, failing["calls"] >= 3))
+        await wait_for("failing writes", lambda: asyncio.sleep(0, calls["n"] >= 3))
         offsets = await admin.list_consumer_group_offsets(settings.group_id, partitions=parts)
         assert all(meta is None or meta.offset <= 0 for meta in offsets.values()), offsets  # none written
-        failing["on"] = False
+        down["on"] = False
         await wait_for("the commit on going idle", committed_to_the_end)
         assert [e.seq for e in await EventLog(statements).read(tenant, "s")] == list(range(n_events))
     finally:
