@@ -1,13 +1,14 @@
 """The checkpoint service: projects ``agentbus.events`` into Cassandra, then commits.
 
-One loop: poll a batch, write it (event log and session index, one Cassandra batch per
-session, sessions concurrently; then snapshots), dead-letter what does not decode, and
-only then mark the batch's offsets for commit. Offsets are committed every
-``AGENTBUS_CHECKPOINT_COMMIT_INTERVAL_MS``, when the consumer goes idle, when partitions
-are revoked and on stop: never past a record that is not written. A failed write is never
-skipped: the consumer seeks back to the batch's first offsets and the same records come
-again after a backoff; every write is idempotent, so that is harmless, and so is
-re-reading up to one interval's worth of written records after a crash.
+One loop: poll a batch, write it (event log and session index: one Cassandra batch per
+group of sessions on the same replicas, groups concurrently; then snapshots), dead-letter
+what does not decode, and only then mark the batch's offsets for commit. Offsets are
+committed every ``AGENTBUS_CHECKPOINT_COMMIT_INTERVAL_MS``, when the consumer goes idle,
+when partitions are revoked and on stop: never past a record that is not written. A
+failed write is never skipped: the consumer seeks back to the batch's first offsets and
+the same records come again after a backoff; every write is idempotent, so that is
+harmless, and so is re-reading up to one interval's worth of written records after a
+crash.
 
 Why not faust-streaming: faust acks a record when its agent moves to the next one
 and commits acked offsets on a timer (``broker_commit_every``/``_interval``), so "commit
