@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
@@ -12,6 +13,18 @@ from tritonclient.grpc import InferInput
 
 from shared.settings import TritonSettings
 from shared.triton import ModelCallError, TritonModel, make_triton_client
+
+
+@contextlib.asynccontextmanager
+async def opened_model(settings: TritonSettings) -> AsyncIterator[TritonModel]:
+    """A TritonModel on its own client; its stream and the client are closed after."""
+    client = make_triton_client(settings)
+    model = TritonModel(client, settings)
+    try:
+        yield model
+    finally:
+        await model.close()
+        await client.close()
 
 
 async def test_reference_model_answers_text_output_over_grpc_asyncio(triton_settings: TritonSettings) -> None:
@@ -122,9 +135,7 @@ async def _retrying(model: TritonModel, prompt: str, attempts: int = 50) -> str:
 async def test_concurrent_generations_overlap_on_one_stream(triton_settings: TritonSettings) -> None:
     import time
 
-    client = make_triton_client(triton_settings)
-    model = TritonModel(client, triton_settings)
-    try:
+    async with opened_model(triton_settings) as model:
         prompts = [f"user: question number {i}" for i in range(50)]
         started = time.perf_counter()
         answers = await asyncio.gather(*(model.generate(p, sampling={"latency_ms": 200}) for p in prompts))
@@ -135,15 +146,10 @@ async def test_concurrent_generations_overlap_on_one_stream(triton_settings: Tri
         assert 0.2 <= elapsed < 2.0, elapsed  # 50 x 200 ms serialised would be 10 s
         assert model.streams_opened == 1
         assert model.in_flight == 0
-    finally:
-        await model.close()
-        await client.close()
 
 
 async def test_a_missed_deadline_leaves_the_shared_stream_working(triton_settings: TritonSettings) -> None:
-    client = make_triton_client(triton_settings)
-    model = TritonModel(client, triton_settings)
-    try:
+    async with opened_model(triton_settings) as model:
         slow = asyncio.create_task(model.generate("user: slow one", sampling={"latency_ms": 3000}))
         with pytest.raises(ModelCallError) as caught:
             await model.generate("user: too slow", sampling={"latency_ms": 1500}, timeout_s=0.3)
@@ -156,15 +162,10 @@ async def test_a_missed_deadline_leaves_the_shared_stream_working(triton_setting
         assert "after that" in await model.generate("user: after that")
         assert model.in_flight == 0
         assert model.streams_opened == 1, "a missed deadline must not cost the stream"
-    finally:
-        await model.close()
-        await client.close()
 
 
 async def test_a_consumer_that_stops_early_leaves_no_routing_entry(triton_settings: TritonSettings) -> None:
-    client = make_triton_client(triton_settings)
-    model = TritonModel(client, triton_settings)
-    try:
+    async with opened_model(triton_settings) as model:
         prompt = "user: " + "a long question " * 20
         async for _ in model.stream(prompt):
             assert model.in_flight == 1
@@ -177,16 +178,11 @@ async def test_a_consumer_that_stops_early_leaves_no_routing_entry(triton_settin
         assert model.in_flight == 0
         assert "long question" in await model.generate(prompt)
         assert model.streams_opened == 1
-    finally:
-        await model.close()
-        await client.close()
 
 
 async def test_a_model_error_is_routed_to_its_own_call(triton_settings: TritonSettings) -> None:
     """Error responses carry their request id: only the bad request fails, non-transiently."""
-    client = make_triton_client(triton_settings)
-    model = TritonModel(client, triton_settings)
-    try:
+    async with opened_model(triton_settings) as model:
         good = [model.generate(f"user: fine {i}", sampling={"latency_ms": 100}) for i in range(5)]
         bad = model.generate("user: bad", sampling={"latency_ms": -5})
         *answers, failed = await asyncio.gather(*good, bad, return_exceptions=True)
@@ -194,9 +190,6 @@ async def test_a_model_error_is_routed_to_its_own_call(triton_settings: TritonSe
         assert "latency_ms" in str(failed)
         assert [f"fine {i}" in a for i, a in enumerate(answers)] == [True] * 5, answers
         assert model.streams_opened == 1 and model.in_flight == 0
-    finally:
-        await model.close()
-        await client.close()
 
 
 class _Relay:
@@ -251,9 +244,7 @@ async def test_a_broken_stream_fails_pending_calls_and_the_next_call_reconnects(
     settings = dataclasses.replace(
         triton_settings, triton_url=f"127.0.0.1:{relay.port}", triton_timeout_s=10.0
     )
-    client = make_triton_client(settings)
-    model = TritonModel(client, settings)
-    try:
+    async with opened_model(settings) as model:
         assert "first" in await model.generate("user: first")
         pending = [
             asyncio.create_task(model.generate(f"user: pending {i}", sampling={"latency_ms": 2000}))
@@ -272,9 +263,6 @@ async def test_a_broken_stream_fails_pending_calls_and_the_next_call_reconnects(
         answers = await asyncio.gather(*(model.generate(f"user: more {i}") for i in range(10)))
         assert all(f"more {i}" in a for i, a in enumerate(answers))
         assert model.streams_opened == settled
-    finally:
-        await model.close()
-        await client.close()
         await relay.stop()
 
 
@@ -287,9 +275,7 @@ async def test_a_server_gone_then_back_fails_fast_then_reconnects(triton_setting
     port = relay.port
     await relay.stop()  # the port is free again: nothing listens
     settings = dataclasses.replace(triton_settings, triton_url=f"127.0.0.1:{port}", triton_timeout_s=10.0)
-    client = make_triton_client(settings)
-    model = TritonModel(client, settings)
-    try:
+    async with opened_model(settings) as model:
         for _ in range(3):
             with pytest.raises(ModelCallError) as caught:
                 await model.generate("user: anyone there")
@@ -304,16 +290,11 @@ async def test_a_server_gone_then_back_fails_fast_then_reconnects(triton_setting
         settled = model.streams_opened
         assert "stays" in await model.generate("user: stays")
         assert model.streams_opened == settled
-    finally:
-        await model.close()
-        await client.close()
         await relay.stop()
 
 
 async def test_close_lets_pending_generations_finish(triton_settings: TritonSettings) -> None:
-    client = make_triton_client(triton_settings)
-    model = TritonModel(client, triton_settings)
-    try:
+    async with opened_model(triton_settings) as model:
         pending = [
             asyncio.create_task(model.generate(f"user: closing {i}", sampling={"latency_ms": 300}))
             for i in range(5)
@@ -330,17 +311,12 @@ async def test_close_lets_pending_generations_finish(triton_settings: TritonSett
         assert "after close" in await model.generate("user: after close")
         assert model.streams_opened == 3
         assert await model.ready()
-    finally:
-        await model.close()
-        await client.close()
 
 
 async def test_an_idle_stream_is_ended_cleanly_and_reopened(triton_settings: TritonSettings) -> None:
     """Nothing in flight for idle_close_s: the stream ends (no keepalive GOAWAY cuts it under a call)."""
-    client = make_triton_client(triton_settings)
-    model = TritonModel(client, triton_settings)
-    model.idle_close_s = 0.3
-    try:
+    async with opened_model(triton_settings) as model:
+        model.idle_close_s = 0.3
         assert "one" in await model.generate("user: one")
         await asyncio.sleep(0.1)
         assert "two" in await model.generate("user: two", sampling={"latency_ms": 400})  # busy: not idle
@@ -351,6 +327,3 @@ async def test_an_idle_stream_is_ended_cleanly_and_reopened(triton_settings: Tri
         assert model.in_flight == 0
         assert "three" in await model.generate("user: three")
         assert model.streams_opened == 2
-    finally:
-        await model.close()
-        await client.close()

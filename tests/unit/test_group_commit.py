@@ -60,12 +60,19 @@ def _committer(
     return GroupCommitter(txns, TP, watermark, max_batch=max_batch, offset_interval_s=interval)  # type: ignore[arg-type]
 
 
-async def test_records_finishing_together_share_one_transaction() -> None:
+def _running(
+    n_offsets: int, txns: RecordingTxns | None = None, max_batch: int = 500, interval: float = 0.0
+) -> tuple[OffsetWatermark, RecordingTxns, GroupCommitter]:
+    """Offsets 0..n_offsets-1 in flight, the transactions recorded, and their committer."""
     w = OffsetWatermark()
-    for offset in range(6):
+    for offset in range(n_offsets):
         w.add(offset)
-    txns = RecordingTxns()
-    c = _committer(txns, w)
+    txns = txns if txns is not None else RecordingTxns()
+    return w, txns, _committer(txns, w, max_batch=max_batch, interval=interval)
+
+
+async def test_records_finishing_together_share_one_transaction() -> None:
+    w, txns, c = _running(6)
     # 1, 2, 3 finish while 0 is still running: whatever commits may not pass offset 0.
     await asyncio.gather(*(c.finish(o, [OutRecord("out", b"r%d" % o)]) for o in (1, 2, 3)))
     assert [offset for _, offset in txns.commits] == [0] * len(txns.commits)
@@ -78,22 +85,14 @@ async def test_records_finishing_together_share_one_transaction() -> None:
 
 
 async def test_batches_are_capped() -> None:
-    w = OffsetWatermark()
-    for offset in range(10):
-        w.add(offset)
-    txns = RecordingTxns()
-    c = _committer(txns, w, max_batch=3)
+    _, txns, c = _running(10, max_batch=3)
     await asyncio.gather(*(c.finish(o, []) for o in range(10)))
     assert all(len(values) == 0 for values, _ in txns.commits)
     assert c.transactions >= 4 and txns.commits[-1][1] == 10
 
 
 async def test_a_failed_transaction_fails_its_whole_batch_and_finishes_nothing() -> None:
-    w = OffsetWatermark()
-    for offset in range(3):
-        w.add(offset)
-    txns = RecordingTxns(fail=[TransactionAbortedError("timed out")])
-    c = _committer(txns, w)
+    w, txns, c = _running(3, RecordingTxns(fail=[TransactionAbortedError("timed out")]))
     results = await asyncio.gather(*(c.finish(o, []) for o in range(3)), return_exceptions=True)
     failed = [r for r in results if isinstance(r, TransactionAbortedError)]
     assert failed, results
@@ -104,11 +103,7 @@ async def test_a_failed_transaction_fails_its_whole_batch_and_finishes_nothing()
 
 
 async def test_close_fails_queued_records_as_not_owned() -> None:
-    w = OffsetWatermark()
-    w.add(0)
-    w.add(1)
-    txns = RecordingTxns()
-    c = _committer(txns, w)
+    w, txns, c = _running(2)
     first = asyncio.create_task(c.finish(0, []))
     await asyncio.sleep(0)
     second = asyncio.create_task(c.finish(1, []))
@@ -158,11 +153,7 @@ async def test_a_zombie_never_starts_a_producer_that_would_fence_the_new_owner()
 
 
 async def test_interval_mode_commits_the_offset_once_per_interval_and_when_the_partition_goes_quiet() -> None:
-    w = OffsetWatermark()
-    for offset in range(5):
-        w.add(offset)
-    txns = RecordingTxns()
-    c = _committer(txns, w, interval=0.2)
+    w, txns, c = _running(5, interval=0.2)
     for o in range(3):  # one after the other: three transactions
         await c.finish(o, [OutRecord("out", b"r%d" % o)])
     # The first carries the offset; the next two, inside the interval, publish records only.
@@ -179,11 +170,7 @@ async def test_interval_mode_commits_the_offset_once_per_interval_and_when_the_p
 
 
 async def test_interval_mode_finishes_a_record_without_outputs_at_once_and_commits_it_later() -> None:
-    w = OffsetWatermark()
-    for offset in range(3):
-        w.add(offset)
-    txns = RecordingTxns()
-    c = _committer(txns, w, interval=0.1)
+    w, txns, c = _running(3, interval=0.1)
     await asyncio.wait_for(c.finish(0, []), 0.005)  # no transaction to wait for
     await c.finish(1, [])
     assert not txns.commits and len(w) == 1
@@ -193,11 +180,7 @@ async def test_interval_mode_finishes_a_record_without_outputs_at_once_and_commi
 
 
 async def test_settle_commits_every_finished_offset_now_and_offsets_never_go_back() -> None:
-    w = OffsetWatermark()
-    for offset in range(4):
-        w.add(offset)
-    txns = RecordingTxns()
-    c = _committer(txns, w, interval=60.0)
+    _, txns, c = _running(4, interval=60.0)
     await c.finish(0, [OutRecord("out", b"r0")])  # carries offset 1
     await c.finish(2, [])
     await c.finish(1, [OutRecord("out", b"r1")])  # inside the interval: no offset
@@ -212,10 +195,7 @@ async def test_settle_commits_every_finished_offset_now_and_offsets_never_go_bac
 
 
 async def test_a_failed_offset_only_commit_is_retried_an_interval_later_not_in_a_loop() -> None:
-    w = OffsetWatermark()
-    w.add(0)
-    txns = RecordingTxns(fail=[PartitionNotOwnedError(TP)] * 50)
-    c = _committer(txns, w, interval=0.1)
+    _, txns, c = _running(1, RecordingTxns(fail=[PartitionNotOwnedError(TP)] * 50), interval=0.1)
     await c.finish(0, [])  # finished at once; its offset is committed by the settle timer
     await asyncio.sleep(0.35)
     tried = 50 - len(txns.fail)
