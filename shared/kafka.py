@@ -38,6 +38,7 @@ __all__ = [
     "PartitionTransactions",
     "TopicPartition",
     "TransactionAbortedError",
+    "header",
     "make_consumer",
     "make_producer",
     "producer_options",
@@ -116,6 +117,14 @@ def make_consumer(
         metadata_max_age_ms=60000,
         check_crcs=True,
     )
+
+
+def header(headers: Sequence[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
+    """The value of a Kafka record's first header called ``name``, or None."""
+    for key, value in headers or ():
+        if key == name and value is not None:
+            return value
+    return None
 
 
 def transactional_id_for(group_id: str, tp: TopicPartition) -> str:

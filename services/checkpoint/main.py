@@ -51,7 +51,7 @@ from services.checkpoint.settings import CheckpointSettings
 from shared.avro import AvroCodec, default_codec
 from shared.cassandra import Statements, connect_when_reachable
 from shared.eventlog import EventLog, StoredEvent
-from shared.kafka import make_consumer, make_producer, poll, start_when_reachable
+from shared.kafka import header, make_consumer, make_producer, poll, start_when_reachable
 from shared.metrics import LagMonitor, observe_checkpoint
 from shared.service import Probes, client_id, dead_letter_record
 from shared.telemetry import mark_error, record_attributes, start_consume_span
@@ -145,7 +145,7 @@ class Checkpointer:
         steps: dict[bytes, list[ConsumerRecord]] = {}
         for rs in batch.values():
             for r in rs:
-                steps.setdefault(_traceparent(r), []).append(r)
+                steps.setdefault(bytes(header(r.headers, "traceparent") or b""), []).append(r)
         spans = [
             start_consume_span(
                 "checkpoint.append",
@@ -303,13 +303,6 @@ def _raise_first(stage: str, results: Sequence[T | BaseException]) -> list[T]:
             raise result  # cancellation: not a failure of the batch
         out.append(result)
     return out
-
-
-def _traceparent(r: ConsumerRecord) -> bytes:
-    for key, value in r.headers or ():
-        if key == "traceparent":
-            return bytes(value)
-    return b""
 
 
 def _in_record(r: ConsumerRecord) -> InRecord:

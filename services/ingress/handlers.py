@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.avro import AvroCodec, CodecError
-from shared.kafka import OutRecord
+from shared.kafka import OutRecord, header
 from shared.service import dead_letter, session_key
 
 from .settings import IngressSettings
@@ -329,14 +329,6 @@ class Admission:
             },
             key,
         )
-
-
-def header(headers: Sequence[tuple[str, bytes | None]], name: str) -> bytes | None:
-    """The value of the first header called ``name``, or None."""
-    for key, value in headers:
-        if key == name and value is not None:
-            return value
-    return None
 
 
 # --------------------------------------------------------------------------- records
