@@ -18,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiokafka.producer.sender as _aiokafka_sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, ProducerFenced
+from aiokafka.producer.transaction_manager import TransactionState
 
 from shared.settings import KafkaSettings
 
@@ -183,6 +185,12 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         self._closed: dict[TopicPartition, asyncio.Future[None]] = {}
         self._assigned: set[TopicPartition] = set()  # by the listener (used without a consumer)
         self._deadline_s = settings.kafka_transaction_deadline_ms / 1000
+        # Opening transactions early (see working()): the records of each input partition being
+        # handled, the output partitions they will write, and the transactions opened early.
+        self._handling: Counter[TopicPartition] = Counter()
+        self._targets: dict[TopicPartition, Counter[TopicPartition]] = {}
+        self._early: dict[TopicPartition, tuple[AIOKafkaProducer, asyncio.TimerHandle]] = {}
+        self._early_check_s = min(1.0, settings.kafka_transaction_timeout_ms / 4000)
 
     @property
     def partitions(self) -> frozenset[TopicPartition]:
@@ -277,11 +285,78 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _close(self, tp: TopicPartition) -> None:
         producer = self._producers.pop(tp, None)
+        early = self._early.pop(tp, None)
+        if early is not None:
+            early[1].cancel()
         closed = self._closed.pop(tp, None)
         if closed is not None and not closed.done():
             closed.set_result(None)  # a commit still waiting on this producer gives up now
         if producer is not None:
             await stop_quietly(producer)
+
+    @contextlib.contextmanager
+    def working(
+        self, tp: TopicPartition, targets: Iterable[tuple[str, bytes | None, int | None]]
+    ) -> Iterator[None]:
+        """A record of ``tp`` being handled, whose outputs will go to ``targets``: (topic, key, partition).
+
+        While a record is being handled, the next transaction of its partition is opened
+        early: begun, and the output partitions added. AddPartitionsToTxn (and the coordinator's
+        CONCURRENT_TRANSACTIONS answers while the previous transaction's markers are still
+        being written) then happens during the model call instead of after it, and the
+        record's commit is one Produce and one EndTxn. An early transaction whose records
+        published nothing is committed empty within a second (see :meth:`_check_early`).
+        Best effort: no producer, a transaction in flight or a producer in error opens
+        nothing, and the commit begins its transaction as before.
+        """
+        producer = self._producers.get(tp)
+        wanted = _output_partitions(producer, targets) if producer is not None else []
+        targets_of = self._targets.setdefault(tp, Counter())
+        targets_of.update(wanted)
+        self._handling[tp] += 1
+        self._open_early(tp)
+        try:
+            yield
+        finally:
+            self._handling[tp] -= 1
+            targets_of.subtract(wanted)
+            if self._handling[tp] <= 0:
+                del self._handling[tp]
+                self._targets.pop(tp, None)
+
+    def _open_early(self, tp: TopicPartition) -> None:
+        producer, lock = self._producers.get(tp), self._locks.get(tp)
+        if producer is None or lock is None or lock.locked() or not self._handling[tp]:
+            return
+        txn = producer._txn_manager
+        early = self._early.get(tp)
+        if early is None or early[0] is not producer:
+            if txn is None or txn.state is not TransactionState.READY or not txn.has_pid():
+                return
+            txn.begin_transaction()
+            self._arm_early_check(tp, producer)
+        elif not txn.is_in_transaction():
+            return  # failed meanwhile: the commit reports it
+        for out, n in self._targets.get(tp, Counter()).items():
+            if n > 0:
+                txn.maybe_add_partition_to_txn(out)
+
+    def _arm_early_check(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        timer = asyncio.get_running_loop().call_later(self._early_check_s, self._check_early, tp, producer)
+        self._early[tp] = (producer, timer)
+
+    def _check_early(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        """An early transaction nobody committed: end it once no record of ``tp`` is being handled."""
+        early = self._early.get(tp)
+        if early is None or early[0] is not producer:
+            return
+        lock = self._locks.get(tp)
+        if self._handling[tp] or lock is None or lock.locked():
+            self._arm_early_check(tp, producer)
+            return
+        # An empty commit (nothing was published in it); errors go the way of any commit's.
+        task = asyncio.create_task(self.commit(tp, [], None))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def commit(
         self,
@@ -313,7 +388,7 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         sends: list[asyncio.Future[object]] = []
         # The lock of this very producer (captured now: the task runs later, maybe after a
         # replacement, and must not take its successor's lock).
-        body = asyncio.create_task(self._transaction(producer, lock, records, next_offsets, sends))
+        body = asyncio.create_task(self._transaction(tp, producer, lock, records, next_offsets, sends))
         try:
             done, _ = await asyncio.wait(
                 {body, closed}, timeout=self._deadline_s, return_when=asyncio.FIRST_COMPLETED
@@ -356,28 +431,71 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def _transaction(
         self,
+        tp: TopicPartition,
         producer: AIOKafkaProducer,
         lock: asyncio.Lock,
         records: Sequence[OutRecord],
         next_offsets: Offsets | None,
         sends: list[asyncio.Future[object]],
     ) -> None:
-        async with lock, producer.transaction():
-            for r in records:
-                sent = await producer.send(
-                    r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
-                )
-                sends.append(sent)
-            # A callable is evaluated under the partition's lock, so concurrent sessions of one
-            # partition commit a watermark that never moves backwards.
-            if next_offsets is not None:
-                offsets = next_offsets() if callable(next_offsets) else next_offsets
-                await producer.send_offsets_to_transaction(dict(offsets), self._group_id)
-            if sends:
-                await asyncio.gather(*sends)
+        async with lock:
+            await self._begin(tp, producer)
+            try:
+                for r in records:
+                    sent = await producer.send(
+                        r.topic, r.value, key=r.key, headers=list(r.headers), partition=r.partition
+                    )
+                    sends.append(sent)
+                # A callable is evaluated under the partition's lock, so concurrent sessions of one
+                # partition commit a watermark that never moves backwards.
+                if next_offsets is not None:
+                    offsets = next_offsets() if callable(next_offsets) else next_offsets
+                    await producer.send_offsets_to_transaction(dict(offsets), self._group_id)
+                if sends:
+                    await asyncio.gather(*sends)
+            except BaseException:
+                # As aiokafka's own transaction context: abort unless the producer is dead.
+                if not producer._txn_manager.is_fatal_error():
+                    await producer.abort_transaction()
+                raise
+            await producer.commit_transaction()
+        self._open_early(tp)  # records still being handled: their transaction opens now
+
+    async def _begin(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        """Begin the transaction, or take over the one opened early for ``producer``."""
+        early = self._early.get(tp)
+        if early is None or early[0] is not producer:
+            await producer.begin_transaction()
+            return
+        del self._early[tp]
+        early[1].cancel()
+        txn = producer._txn_manager
+        if txn.is_in_transaction():
+            return
+        # Its AddPartitionsToTxn failed: fenced (fatal), or an error that needs an abort first.
+        waiter = txn.wait_for_transaction_end()
+        error = waiter.exception() if waiter is not None and waiter.done() else None
+        if txn.state is TransactionState.ABORTABLE_ERROR:
+            await producer.abort_transaction()
+        raise error if isinstance(error, BaseException) else KafkaError(f"transaction in state {txn.state}")
 
     async def stop(self) -> None:
         await asyncio.gather(*(self._close(tp) for tp in list(self._producers)))
+
+
+def _output_partitions(
+    producer: AIOKafkaProducer, targets: Iterable[tuple[str, bytes | None, int | None]]
+) -> list[TopicPartition]:
+    """The partitions ``producer.send`` would pick for (topic, key, partition); unknown ones left out."""
+    out = []
+    for topic, key, partition in targets:
+        if partition is None:
+            try:
+                partition = producer._partition(topic, None, None, None, key, None)
+            except Exception:  # noqa: BLE001 - no metadata for the topic yet: its send adds it later
+                continue
+        out.append(TopicPartition(topic, partition))
+    return out
 
 
 async def _abandon(task: asyncio.Task[None]) -> None:

@@ -192,6 +192,7 @@ class PartitionWorker:
             max_batch=deps.settings.commit_batch,
             offset_interval_s=deps.settings.offset_commit_interval_s,
         )
+        self.events_topic, self.calls_topic = deps.settings.topic("events"), deps.settings.topic("tool.calls")
         self.queues: dict[bytes, deque[ConsumerRecord]] = {}
         self.tasks: dict[bytes, asyncio.Task[None]] = {}
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -363,12 +364,14 @@ class PartitionWorker:
                 record, "key_mismatch", "record key does not name the record's session", None
             )
             return
-        state = await self.load_state(tenant, session)
-        model_time = 0.0
-        engine = deps.engine
-        t_model = time.perf_counter()
-        outputs = await engine.handle(state, decoded.name, datum, first_attempt=first_attempt)
-        model_time = time.perf_counter() - t_model if outputs.model_calls else 0.0
+        # The partition's transaction opens (AddPartitionsToTxn) while the model runs.
+        key = record.key
+        targets = ((self.events_topic, key, self.tp.partition), (self.calls_topic, key, None))
+        with deps.txns.working(self.tp, targets):
+            state = await self.load_state(tenant, session)
+            t_model = time.perf_counter()
+            outputs = await deps.engine.handle(state, decoded.name, datum, first_attempt=first_attempt)
+            model_time = time.perf_counter() - t_model if outputs.model_calls else 0.0
         await self.committer.finish(record.offset, self._records(record, tenant, session, outputs))
         if outputs.events:
             # Committed: the state at this seq is final. Cached here and, without holding up

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -257,3 +258,92 @@ async def test_a_commit_past_its_deadline_is_abandoned_and_its_producer_replaced
     finally:
         await reader.stop()
     assert values == [b"after-the-deadline"]  # the abandoned transaction never became visible
+
+
+async def _until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_record_being_handled_opens_its_partitions_transaction_early(topics: KafkaSettings) -> None:
+    s = topics
+    events, calls = s.topic("events"), s.topic("tool.calls")
+    tp = TopicPartition(s.topic("reasoning.inbox"), 2)
+    txns = PartitionTransactions(s, group_id=f"{s.topic_prefix}-early", client_id="early")
+    await txns.on_partitions_assigned([tp])
+    producer = await txns.producer(tp)
+    await producer.client._wait_on_metadata(calls)  # as a running service has (its first send)
+    begins = 0
+    original_begin = producer.begin_transaction
+
+    async def counted_begin() -> None:
+        nonlocal begins
+        begins += 1
+        await original_begin()
+
+    producer.begin_transaction = counted_begin  # type: ignore[method-assign]
+    txn = producer._txn_manager
+    try:
+        with txns.working(tp, [(events, b"session-e", 2), (calls, b"session-e", None)]):
+            # The model is still running: the transaction is open and both partitions are added.
+            expected_call_partition = producer._partition(calls, None, None, None, b"session-e", None)
+            await _until(lambda: {p.topic for p in txn.txn_partitions} == {events, calls})
+            assert TopicPartition(events, 2) in txn.txn_partitions
+            assert TopicPartition(calls, expected_call_partition) in txn.txn_partitions
+        await txns.commit(
+            tp,
+            [
+                OutRecord(events, b"early-event", key=b"session-e", partition=2),
+                OutRecord(calls, b"early-call", key=b"session-e"),
+            ],
+            {tp: 1},
+        )
+        assert begins == 0, "the commit took over the transaction opened early"
+
+        # A record that ends up publishing nothing: its early transaction is committed empty
+        # within a second, and the partition's next transaction is an ordinary one.
+        with txns.working(tp, [(events, b"session-e", 2)]):
+            await _until(lambda: bool(txn.txn_partitions))
+        await _until(lambda: txn.state.name == "READY", within_s=5.0)
+        await txns.commit(tp, [OutRecord(events, b"after-empty", key=b"session-e", partition=2)], {tp: 2})
+        assert begins == 1
+    finally:
+        await txns.stop()
+    reader = make_consumer(s, group_id=None, client_id="early-reader", topics=[events, calls])
+    await reader.start()
+    try:
+        values = await _drain(reader, 4, within_s=5.0)
+    finally:
+        await reader.stop()
+    assert sorted(values) == [b"after-empty", b"early-call", b"early-event"]
+
+
+async def test_a_zombie_with_a_transaction_opened_early_is_fenced(topics: KafkaSettings) -> None:
+    s = topics
+    events = s.topic("events")
+    group = f"{s.topic_prefix}-early-fence"
+    tp = TopicPartition(s.topic("reasoning.inbox"), 0)
+    old = PartitionTransactions(s, group_id=group, client_id="old-owner")
+    new = PartitionTransactions(s, group_id=group, client_id="new-owner")
+    await old.on_partitions_assigned([tp])
+    await new.on_partitions_assigned([tp])  # the partition moved; the old owner did not notice
+    try:
+        with old.working(tp, [(events, b"k", 0)]):
+            await asyncio.sleep(0.3)  # its early AddPartitionsToTxn is refused meanwhile
+        with pytest.raises(ProducerFenced):
+            await old.commit(tp, [OutRecord(events, b"from-zombie", key=b"k", partition=0)], {tp: 1})
+        with new.working(tp, [(events, b"k", 0)]):
+            pass
+        await new.commit(tp, [OutRecord(events, b"from-new", key=b"k", partition=0)], {tp: 1})
+    finally:
+        await new.stop()
+        await old.stop()
+    reader = make_consumer(s, group_id=None, client_id="early-fence-reader", topics=[events])
+    await reader.start()
+    try:
+        values = await _drain(reader, 2, within_s=5.0)
+    finally:
+        await reader.stop()
+    assert values == [b"from-new"]
