@@ -117,29 +117,46 @@ class IngressLoop:
             # the turns of another. Within a partition, batches stay in order (one per poll).
             await asyncio.gather(*(self.handle_batch(tp, records) for tp, records in batches.items()))
 
+    async def _decide(
+        self, tp: TopicPartition, record: ConsumerRecord[Any, Any], forwarded: set[str]
+    ) -> tuple[Outcome, list[OutRecord]] | None:
+        """One message's outcome and records (made in its span: they carry its trace context).
+
+        None when a dependency is down (the batch stops there).
+        """
+        with consume_span("ingress.admit", record.headers, attributes=record_attributes(record)) as span:
+            try:
+                outcome = await self._admission.admit(record.value, list(record.headers), forwarded)
+            except TRANSIENT_ERRORS as exc:
+                log.warning("%s@%d: dependency unavailable (%r); will retry", tp, record.offset, exc)
+                mark_error(span, exc)
+                return None
+            except Exception as exc:  # a bug on one record must not stop the partition
+                log.exception("%s@%d: handler error; dead-lettering the record", tp, record.offset)
+                outcome = DeadLetter("handler_error", f"{type(exc).__name__}: {exc}", type(exc).__name__)
+            span.set_attribute("agentbus.outcome", outcome_name(outcome))
+            if outcome.reason:
+                span.set_attribute("agentbus.reason", outcome.reason)
+            return outcome, self._outputs(record, outcome)
+
     async def handle_batch(self, tp: TopicPartition, records: Sequence[ConsumerRecord[Any, Any]]) -> None:
         """Decide ``records`` (one partition, in order); commit outputs + next offset in one transaction."""
         forwarded: set[str] = set()
         decided: list[tuple[int, Outcome]] = []
         outputs: list[OutRecord] = []
         failed_at: int | None = None
-        for record in records:
-            with consume_span("ingress.admit", record.headers, attributes=record_attributes(record)) as span:
-                try:
-                    outcome = await self._admission.admit(record.value, list(record.headers), forwarded)
-                except TRANSIENT_ERRORS as exc:
-                    log.warning("%s@%d: dependency unavailable (%r); will retry", tp, record.offset, exc)
-                    mark_error(span, exc)
+        # Messages are keyed by their session, as the TurnRequested they become: the transaction
+        # opens (AddPartitionsToTxn for those inbox partitions) while the batch is decided.
+        inbox = self._settings.topic("reasoning.inbox")
+        with self._txns.working(tp, {(inbox, record.key, None) for record in records}):
+            for record in records:
+                done = await self._decide(tp, record, forwarded)
+                if done is None:
                     failed_at = record.offset
                     break
-                except Exception as exc:  # a bug on one record must not stop the partition
-                    log.exception("%s@%d: handler error; dead-lettering the record", tp, record.offset)
-                    outcome = DeadLetter("handler_error", f"{type(exc).__name__}: {exc}", type(exc).__name__)
-                span.set_attribute("agentbus.outcome", outcome_name(outcome))
-                if outcome.reason:
-                    span.set_attribute("agentbus.reason", outcome.reason)
-                outputs.extend(self._outputs(record, outcome))
-            decided.append((record.offset, outcome))
+                outcome, out = done
+                outputs.extend(out)
+                decided.append((record.offset, outcome))
 
         if decided:
             try:
