@@ -4,10 +4,13 @@
 
 Scenarios (each prints a progress line while it runs):
 
-overhead     S sessions x 5 steps at low concurrency, zero model and tool latency: per-step
-             orchestration overhead (turn time minus time in the model and in the tool,
-             per step; p50/p99) and turn latency. agentbus and both peers.
+overhead     S sessions x 5 steps, zero model and tool latency, one turn in flight ("serial":
+             the overhead of the path itself, no queueing for the 2 cores) and 4 in flight:
+             per-step orchestration overhead (turn time minus time in the model and in the
+             tool, per step; p50/p99) and turn latency. agentbus and both peers.
 throughput   many sessions x 5 steps, high concurrency, zero latency: steps per second. agentbus
+             (also with 4 instead of 12 partitions per topic: every partition has its own
+             transactional producer, so fewer partitions carry more records per transaction)
              and both peers.
 multiplex    one reasoning replica; every session's tool waits 500 ms: how many sessions are
              in flight at once, and the reasoning replica's memory.
@@ -45,6 +48,7 @@ from tests.bench.peers.common import REPO_ROOT, PeerResult, Workload, peer_comma
 DOCS = REPO_ROOT / "docs" / "bench"
 README = REPO_ROOT / "README.md"
 MARK_START, MARK_END = "<!-- bench:start -->", "<!-- bench:end -->"
+RUN_SCENARIOS = ("serial", "overhead", "throughput")  # the workloads every system runs
 PEERS = ("langgraph", "restate")
 
 
@@ -99,6 +103,7 @@ def run_peer(peer: str, workload: Workload, model_latency_ms: float) -> PeerResu
 async def overhead_and_throughput(quick: bool, peers: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     plans = {
+        "serial": Workload(sessions=10 if quick else 40, steps=5, concurrency=1),
         "overhead": Workload(sessions=20 if quick else 60, steps=5, concurrency=4),
         "throughput": Workload(sessions=60 if quick else 400, steps=5, concurrency=30 if quick else 200),
     }
@@ -106,6 +111,11 @@ async def overhead_and_throughput(quick: bool, peers: bool) -> dict[str, Any]:
         progress = Progress(f"{name}: agentbus")
         result, _ = await measure(Deployment(), workload, _home(name), progress=progress)
         rows = {"agentbus": asdict(result)}
+        if name == "throughput":
+            deployment = Deployment(partitions=FEW_PARTITIONS)
+            progress = Progress(f"{name}: agentbus, {FEW_PARTITIONS} partitions")
+            result, _ = await measure(deployment, workload, _home(name), progress=progress)
+            rows[f"agentbus ({FEW_PARTITIONS} partitions)"] = asdict(result)
         if peers:
             for peer in PEERS:
                 Progress(f"{name}: {peer}").say(f"{workload.sessions} sessions x {workload.steps} steps")
@@ -242,6 +252,9 @@ async def scaling(quick: bool) -> dict[str, Any]:
 
 
 SCENARIOS = ("overhead", "multiplex", "context", "scaling")
+# The throughput scenario's second agentbus deployment: one partition per 3 of the default 12
+# still leaves room for the 4 replicas of the scaling scenario.
+FEW_PARTITIONS = 4
 # A model call that waits this long keeps even 4 replicas' CPU well inside 2 cores: the
 # throughput is then set by the model, which is what "model-bound" means here.
 MODEL_BOUND_MS = 500
@@ -276,7 +289,7 @@ def table(results: dict[str, Any]) -> list[str]:
     quick = " (quick run)" if results.get("quick") else ""
     lines = [f"Measured {results['when']} on {results['machine']}{quick}"]
     lines.append("")
-    for name in ("overhead", "throughput"):
+    for name in RUN_SCENARIOS:
         if name not in results:
             continue
         w = results[name]["workload"]
@@ -347,7 +360,7 @@ def plots(results: dict[str, Any]) -> list[str]:
     import matplotlib.pyplot as plt
 
     made = []
-    for name in ("overhead", "throughput"):
+    for name in RUN_SCENARIOS:
         if name not in results:
             continue
         systems = results[name]["systems"]
@@ -355,10 +368,11 @@ def plots(results: dict[str, Any]) -> list[str]:
         names = list(systems)
         left.bar(names, [systems[s]["steps_per_s"] for s in names], color="#4c72b0")
         left.set_title("steps / s")
+        left.tick_params(axis="x", labelrotation=20)
         x = range(len(names))
         right.bar([i - 0.2 for i in x], [systems[s]["overhead_ms_p50"] for s in names], 0.4, label="p50")
         right.bar([i + 0.2 for i in x], [systems[s]["overhead_ms_p99"] for s in names], 0.4, label="p99")
-        right.set_xticks(list(x), names)
+        right.set_xticks(list(x), names, rotation=20)
         right.set_title("orchestration overhead per step (ms)")
         right.legend()
         fig.suptitle(f"{name}: {results[name]['workload']['sessions']} sessions x 5 steps")
