@@ -36,6 +36,16 @@ async def _drain(consumer: AIOKafkaConsumer, want: int, within_s: float = 15.0) 
     return values
 
 
+async def _read_committed(s: KafkaSettings, topics: list[str], want: int, *, client_id: str) -> list[bytes]:
+    """What a read_committed reader (no group) finds in ``topics``: up to ``want`` values, 5 s at most."""
+    reader = make_consumer(s, group_id=None, client_id=client_id, topics=topics)
+    await reader.start()
+    try:
+        return await _drain(reader, want, within_s=5.0)
+    finally:
+        await reader.stop()
+
+
 async def test_topics_are_created_idempotently_with_their_settings(kafka_settings: KafkaSettings) -> None:
     first = await ensure_topics(kafka_settings, TOPICS)
     assert sorted(first) == sorted(f"created {kafka_settings.topic(t.name)}" for t in TOPICS)
@@ -123,22 +133,24 @@ async def test_transaction_commits_output_and_offsets_and_hides_aborted(topics: 
         await txns.stop()
         await consumer.stop()
 
-    reader = make_consumer(s, group_id=None, client_id="test-reader", topics=[out])
-    await reader.start()
-    try:
-        values = await _drain(reader, 3, within_s=5.0)
-    finally:
-        await reader.stop()
+    values = await _read_committed(s, [out], 3, client_id="test-reader")
     assert values == [b"decided-0", b"decided-1"]
+
+
+def _two_owners(
+    s: KafkaSettings, group: str, partition: int
+) -> tuple[PartitionTransactions, PartitionTransactions, TopicPartition]:
+    """Two replicas' transactions of one group, for one inbox partition that moves between them."""
+    group = f"{s.topic_prefix}-{group}"
+    old = PartitionTransactions(s, group_id=group, client_id="old-owner")
+    new = PartitionTransactions(s, group_id=group, client_id="new-owner")
+    return old, new, TopicPartition(s.topic("reasoning.inbox"), partition)
 
 
 async def test_new_owner_of_a_partition_fences_the_old_one(topics: KafkaSettings) -> None:
     s = topics
     out = s.topic("events")
-    group = f"{s.topic_prefix}-fence"
-    tp = TopicPartition(s.topic("reasoning.inbox"), 1)
-    old = PartitionTransactions(s, group_id=group, client_id="old-owner")
-    new = PartitionTransactions(s, group_id=group, client_id="new-owner")
+    old, new, tp = _two_owners(s, "fence", 1)
     await old.on_partitions_assigned([tp])
     await old.commit(tp, [OutRecord(out, b"from-old-before", key=b"k")], {tp: 1})
     # The partition moves (the old owner did not notice: a zombie).
@@ -149,12 +161,7 @@ async def test_new_owner_of_a_partition_fences_the_old_one(topics: KafkaSettings
     await new.stop()
     await old.stop()
 
-    reader = make_consumer(s, group_id=None, client_id="fence-reader", topics=[out])
-    await reader.start()
-    try:
-        values = await _drain(reader, 3, within_s=5.0)
-    finally:
-        await reader.stop()
+    values = await _read_committed(s, [out], 3, client_id="fence-reader")
     assert sorted(values) == [b"from-new", b"from-old-before"]
 
 
@@ -193,12 +200,7 @@ async def test_group_commit_publishes_each_output_once_and_commits_the_watermark
     finally:
         await admin.close()
     assert committed[tp].offset == n
-    reader = make_consumer(s, group_id=None, client_id="group-commit-reader", topics=[out])
-    await reader.start()
-    try:
-        values = await _drain(reader, n + 1, within_s=5.0)
-    finally:
-        await reader.stop()
+    values = await _read_committed(s, [out], n + 1, client_id="group-commit-reader")
     assert sorted(values) == sorted(b"out-%d" % o for o in range(n))
 
 
@@ -251,12 +253,7 @@ async def test_a_commit_past_its_deadline_is_abandoned_and_its_producer_replaced
     finally:
         await txns.stop()
     events = [topics.topic("events")]
-    reader = make_consumer(topics, group_id=None, client_id="deadline-reader", topics=events)
-    await reader.start()
-    try:
-        values = await _drain(reader, 2, within_s=5.0)
-    finally:
-        await reader.stop()
+    values = await _read_committed(topics, events, 2, client_id="deadline-reader")
     assert values == [b"after-the-deadline"]  # the abandoned transaction never became visible
 
 
@@ -311,22 +308,14 @@ async def test_a_record_being_handled_opens_its_partitions_transaction_early(top
         assert begins == 1
     finally:
         await txns.stop()
-    reader = make_consumer(s, group_id=None, client_id="early-reader", topics=[events, calls])
-    await reader.start()
-    try:
-        values = await _drain(reader, 4, within_s=5.0)
-    finally:
-        await reader.stop()
+    values = await _read_committed(s, [events, calls], 4, client_id="early-reader")
     assert sorted(values) == [b"after-empty", b"early-call", b"early-event"]
 
 
 async def test_a_zombie_with_a_transaction_opened_early_is_fenced(topics: KafkaSettings) -> None:
     s = topics
     events = s.topic("events")
-    group = f"{s.topic_prefix}-early-fence"
-    tp = TopicPartition(s.topic("reasoning.inbox"), 0)
-    old = PartitionTransactions(s, group_id=group, client_id="old-owner")
-    new = PartitionTransactions(s, group_id=group, client_id="new-owner")
+    old, new, tp = _two_owners(s, "early-fence", 0)
     await old.on_partitions_assigned([tp])
     await new.on_partitions_assigned([tp])  # the partition moved; the old owner did not notice
     try:
@@ -340,10 +329,5 @@ async def test_a_zombie_with_a_transaction_opened_early_is_fenced(topics: KafkaS
     finally:
         await new.stop()
         await old.stop()
-    reader = make_consumer(s, group_id=None, client_id="early-fence-reader", topics=[events])
-    await reader.start()
-    try:
-        values = await _drain(reader, 2, within_s=5.0)
-    finally:
-        await reader.stop()
+    values = await _read_committed(s, [events], 2, client_id="early-fence-reader")
     assert values == [b"from-new"]
