@@ -27,10 +27,23 @@ import aiokafka.producer.sender as _aiokafka_sender
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, ProducerFenced
 from aiokafka.producer.transaction_manager import TransactionState
+from prometheus_client import Counter as MetricCounter
+from prometheus_client import Histogram
 
 from shared.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+TRANSACTIONS = MetricCounter(
+    "agentbus_kafka_transactions_total",
+    "Transactions of PartitionTransactions, by how they were opened and how they ended",
+    ["opened", "outcome"],  # early | at_commit; committed | committed_empty | aborted | failed
+)
+TRANSACTION_SECONDS = Histogram(
+    "agentbus_kafka_transaction_seconds",
+    "From a transaction's start (or take-over, when opened early) to its commit",
+    buckets=(0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 4.096),
+)
 
 __all__ = [
     "GroupCommitter",
@@ -439,7 +452,8 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
         sends: list[asyncio.Future[object]],
     ) -> None:
         async with lock:
-            await self._begin(tp, producer)
+            started = asyncio.get_running_loop().time()
+            opened = "early" if await self._begin(tp, producer) else "at_commit"
             try:
                 for r in records:
                     sent = await producer.send(
@@ -455,27 +469,34 @@ class PartitionTransactions(ConsumerRebalanceListener):  # type: ignore[misc]
                     await asyncio.gather(*sends)
             except BaseException:
                 # As aiokafka's own transaction context: abort unless the producer is dead.
-                if not producer._txn_manager.is_fatal_error():
+                if producer._txn_manager.is_fatal_error():
+                    TRANSACTIONS.labels(opened, "failed").inc()
+                else:
+                    TRANSACTIONS.labels(opened, "aborted").inc()
                     await producer.abort_transaction()
                 raise
             await producer.commit_transaction()
+            TRANSACTIONS.labels(opened, "committed" if records or next_offsets else "committed_empty").inc()
+            TRANSACTION_SECONDS.observe(asyncio.get_running_loop().time() - started)
         self._open_early(tp)  # records still being handled: their transaction opens now
 
-    async def _begin(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
-        """Begin the transaction, or take over the one opened early for ``producer``."""
+    async def _begin(self, tp: TopicPartition, producer: AIOKafkaProducer) -> bool:
+        """Begin the transaction, or take over the one opened early for ``producer`` (True)."""
         early = self._early.get(tp)
         if early is None or early[0] is not producer:
             await producer.begin_transaction()
-            return
+            return False
         del self._early[tp]
         early[1].cancel()
         txn = producer._txn_manager
         if txn.is_in_transaction():
-            return
+            return True
         # Its AddPartitionsToTxn failed: fenced (fatal), or an error that needs an abort first.
         waiter = txn.wait_for_transaction_end()
         error = waiter.exception() if waiter is not None and waiter.done() else None
-        if txn.state is TransactionState.ABORTABLE_ERROR:
+        abortable = txn.state is TransactionState.ABORTABLE_ERROR
+        TRANSACTIONS.labels("early", "aborted" if abortable else "failed").inc()
+        if abortable:
             await producer.abort_transaction()
         raise error if isinstance(error, BaseException) else KafkaError(f"transaction in state {txn.state}")
 

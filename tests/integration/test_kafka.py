@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import ProducerFenced
+from prometheus_client import REGISTRY
 
 from shared.kafka import (
     GroupCommitter,
@@ -257,6 +258,11 @@ async def test_a_commit_past_its_deadline_is_abandoned_and_its_producer_replaced
     assert values == [b"after-the-deadline"]  # the abandoned transaction never became visible
 
 
+def _transactions(opened: str, outcome: str) -> float:
+    labels = {"opened": opened, "outcome": outcome}
+    return REGISTRY.get_sample_value("agentbus_kafka_transactions_total", labels) or 0.0
+
+
 async def _until(condition: Callable[[], bool], within_s: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + within_s
     while not condition():
@@ -282,6 +288,7 @@ async def test_a_record_being_handled_opens_its_partitions_transaction_early(top
 
     producer.begin_transaction = counted_begin  # type: ignore[method-assign]
     txn = producer._txn_manager
+    before = {k: _transactions(*k) for k in (("early", "committed"), ("early", "committed_empty"))}
     try:
         with txns.working(tp, [(events, b"session-e", 2), (calls, b"session-e", None)]):
             # The model is still running: the transaction is open and both partitions are added.
@@ -306,6 +313,8 @@ async def test_a_record_being_handled_opens_its_partitions_transaction_early(top
         await _until(lambda: txn.state.name == "READY", within_s=5.0)
         await txns.commit(tp, [OutRecord(events, b"after-empty", key=b"session-e", partition=2)], {tp: 2})
         assert begins == 1
+        assert _transactions("early", "committed") == before["early", "committed"] + 1
+        assert _transactions("early", "committed_empty") == before["early", "committed_empty"] + 1
     finally:
         await txns.stop()
     values = await _read_committed(s, [events, calls], 4, client_id="early-reader")

@@ -64,6 +64,11 @@ async def test_every_replica_exports_lag_and_a_scaling_signal_and_top_shows_them
     assert any(labels["reason_code"] == "bad_magic" and value >= 1 for labels, value in dead), dead
     assert metrics["reasoning"]["agentbus_model_call_seconds_count"][0][1] >= 2
     assert "agentbus_checkpoint_lag_seconds" in metrics["checkpoint"]
+    for name in ("ingress", "reasoning"):  # transactions opened while their records were handled
+        txns = metrics[name]["agentbus_kafka_transactions_total"]
+        early = sum(v for labels, v in txns if labels == {"opened": "early", "outcome": "committed"})
+        assert early >= 1, txns
+        assert metrics[name]["agentbus_kafka_transaction_seconds_count"][0][1] >= early
 
     targets = ",".join(f"127.0.0.1:{sup.ports(name)[0]}" for name in SERVICES)
     out = io.StringIO()
