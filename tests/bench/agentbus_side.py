@@ -17,14 +17,11 @@ import asyncio
 import contextlib
 import json
 import secrets
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from aiokafka.admin import AIOKafkaAdminClient
 
 from infra.local.services import ServiceReplicas, free_base_port
 from infra.local.stack import StackSettings
@@ -34,6 +31,7 @@ from shared.settings import CassandraSettings, KafkaSettings
 from shared.topics import ensure_topics
 from tests.bench.peers.common import MemorySampler, PeerResult, TurnTiming, Workload, summarize
 from tests.integration.agent_stack import SECRETS, Client
+from tests.scratch import delete_topics, drop_keyspace
 
 SERVICES = ("ingress", "reasoning", "tool-exec", "checkpoint")
 
@@ -117,22 +115,9 @@ async def deployed(deployment: Deployment, home: Path) -> AsyncIterator[Running]
             for name in SERVICES:
                 await asyncio.to_thread(sup.stop, name, timeout=30)
     finally:
+        await asyncio.to_thread(drop_keyspace, session, cassandra.cassandra_keyspace)
         await asyncio.to_thread(cluster.shutdown)
-        await _delete_topics(kafka, prefix)
-
-
-async def _delete_topics(kafka: KafkaSettings, prefix: str) -> None:
-    """Leftover topics slow the broker's restarts (every partition is recovered): drop the run's."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka.kafka_bootstrap)
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix + ".")]
-        if names:
-            await admin.delete_topics(names)
-    except Exception as exc:
-        print(f"bench: could not delete {prefix} topics: {exc}", file=sys.stderr)
-    finally:
-        await admin.close()
+        await delete_topics(kafka, (prefix + ".",))
 
 
 @dataclass

@@ -33,6 +33,7 @@ from tests.chaos.verify import (
     SentMessage,
     verify,
 )
+from tests.scratch import delete_topics, drop_keyspace
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "chaos" / "results.json"
@@ -72,6 +73,7 @@ async def run_scenario(config: ChaosConfig, *, partitions: int = 6) -> tuple[Cha
     await ensure_topics(kafka)
     cassandra = CassandraSettings.from_env(cassandra_keyspace=f"chaos_{uuid.uuid4().hex[:10]}")
     cluster, session = connect(cassandra, keyspace="")
+    passed = False
     try:
         apply_migrations(session, cassandra)
         statements = Statements(session, cassandra.cassandra_keyspace)
@@ -84,8 +86,15 @@ async def run_scenario(config: ChaosConfig, *, partitions: int = 6) -> tuple[Cha
             expected_dlq=[InjectedBadRecord(i.topic, i.value, i.expect_reason) for i in result.injected],
             expected_messages=[SentMessage(m.tenant, m.session, m.message_id) for m in result.sent],
         )
+        passed = bool(report.ok) and not result.wrong_answers
         return result, report
     finally:
+        if passed:  # a failed run's topics and keyspace stay, to be looked into
+            await asyncio.to_thread(drop_keyspace, session, cassandra.cassandra_keyspace)
+            await delete_topics(kafka, (prefix + ".",))
+        else:
+            kept = f"keyspace {cassandra.cassandra_keyspace} and topics {prefix}.*"
+            print(f"chaos: kept {kept} for inspection", file=sys.stderr)
         cluster.shutdown()
 
 
