@@ -148,7 +148,8 @@ class IngressLoop:
         # Messages are keyed by their session, as the TurnRequested they become: the transaction
         # opens (AddPartitionsToTxn for those inbox partitions) while the batch is decided.
         inbox = self._settings.topic("reasoning.inbox")
-        with self._txns.working(tp, {(inbox, record.key, None) for record in records}):
+        targets = {(inbox, record.key, None) for record in records if record.key is not None}
+        with self._txns.working(tp, targets):
             for record in records:
                 done = await self._decide(tp, record, forwarded)
                 if done is None:

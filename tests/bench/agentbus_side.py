@@ -23,10 +23,13 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aiokafka.partitioner import murmur2
+
 from infra.local.services import ServiceReplicas, free_base_port
 from infra.local.stack import StackSettings
 from shared.cassandra import Statements, connect
 from shared.migrations import apply_migrations
+from shared.service import session_key
 from shared.settings import CassandraSettings, KafkaSettings
 from shared.topics import ensure_topics
 from tests.bench.peers.common import MemorySampler, PeerResult, TurnTiming, Workload, summarize
@@ -48,6 +51,10 @@ class Deployment:
     max_inflight_model_calls: int = 64
     tool_slots: int = 64
     partitions: int = 12
+    # Session ids spread evenly over the partitions (the same number of sessions on each):
+    # with a hundred random keys over 12 partitions, one replica of two can get a fifth more
+    # sessions than the other, and a run lasts until the busier one is done.
+    even_keys: bool = False
     extra_env: Mapping[str, str] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
@@ -144,8 +151,12 @@ async def run_workload(
     *,
     progress: Callable[[int, int], None] | None = None,
     within_s: float = 600.0,
+    even_partitions: int = 0,
 ) -> RunOutcome:
-    """Send the workload's turns (``concurrency`` in flight), wait for every final answer."""
+    """Send the workload's turns (``concurrency`` in flight), wait for every final answer.
+
+    ``even_partitions`` > 0: session i lands on partition i mod ``even_partitions``.
+    """
     text = workload.user_text()
     turns: list[TurnRun] = []
     in_flight = 0
@@ -165,9 +176,8 @@ async def run_workload(
                 started = time.perf_counter()
                 in_flight += 1
                 peak = max(peak, in_flight)
-                message_id = await client.send(
-                    "acme", f"bench-{i}-{uuid.uuid4().hex[:6]}", text, headers=[("traceparent", traceparent)]
-                )
+                session = _session_id(i, even_partitions)
+                message_id = await client.send("acme", session, text, headers=[("traceparent", traceparent)])
                 try:
                     reply = await client.reply(message_id, within_s=within_s)
                 finally:
@@ -248,6 +258,17 @@ async def timings(running: Running, workload: Workload, outcome: RunOutcome) -> 
     return result
 
 
+def _session_id(i: int, partitions: int) -> str:
+    """A fresh session id; with ``partitions``, one whose key the producer puts on partition i mod it."""
+    while True:
+        session = f"bench-{i}-{uuid.uuid4().hex[:6]}"
+        if not partitions:
+            return session
+        key = session_key("acme", session)
+        if (murmur2(key) & 0x7FFFFFFF) % partitions == i % partitions:  # Kafka's default partitioner
+            return session
+
+
 async def measure(
     deployment: Deployment,
     workload: Workload,
@@ -266,7 +287,8 @@ async def measure(
             sessions=min(turns, workload.sessions), steps=2, concurrency=min(16, workload.concurrency)
         )
         await run_workload(running, warm, within_s=180)
-        outcome = await run_workload(running, workload, progress=progress)
+        even = deployment.partitions if deployment.even_keys else 0
+        outcome = await run_workload(running, workload, progress=progress, even_partitions=even)
         turns = await timings(running, workload, outcome)
     memory = ", ".join(f"{k} {v:.0f}" for k, v in outcome.memory.items())
     notes = (

@@ -249,7 +249,9 @@ async def scaling(quick: bool) -> dict[str, Any]:
     sessions = 48 if quick else 120
     for n in replicas:
         workload = Workload(sessions=sessions, steps=2, concurrency=sessions)
-        deployment = Deployment(reasoning=n, model_latency_ms=MODEL_BOUND_MS, max_inflight_model_calls=4)
+        deployment = Deployment(
+            reasoning=n, model_latency_ms=MODEL_BOUND_MS, max_inflight_model_calls=4, even_keys=True
+        )
         progress = Progress(f"scaling: {n} reasoning")
         result, outcome = await measure(deployment, workload, _home(f"scaling-{n}"), progress=progress)
         out[str(n)] = {
