@@ -163,8 +163,12 @@ class IngressLoop:
             try:
                 await self._txns.commit(tp, outputs, {tp: decided[-1][0] + 1})
             except (ProducerFenced, PartitionNotOwnedError):
-                # Another replica owns the partition now; it will redeliver these records.
+                # Another replica owns the partition now and redelivers these records from the
+                # committed offset. But this consumer's position is already past them: if the
+                # partition is (still, or again) assigned here without a rebalance resetting that
+                # position, it must fetch them again, or they would never be decided by anyone.
                 log.warning("%s: lost the partition; dropping %d decided records", tp, len(decided))
+                await self._retry_from(tp, decided[0][0])
                 return
             except (TransactionAbortedError, KafkaError) as exc:
                 log.warning("%s: transaction aborted (%s); retrying from offset %d", tp, exc, decided[0][0])

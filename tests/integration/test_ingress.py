@@ -13,14 +13,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import murmur2
 
 from services.ingress.handlers import turn_id_for
 from services.ingress.main import run_ingress
 from services.ingress.settings import IngressSettings
 from services.ingress.signing import sign
 from shared.avro import AvroCodec, default_codec
-from shared.kafka import make_consumer, make_producer
+from shared.kafka import make_consumer, make_producer, transactional_id_for
 from shared.service import Probes, session_key
 from shared.settings import CassandraSettings, KafkaSettings
 
@@ -248,3 +249,28 @@ def _quiet_kafka_logs() -> None:
     import logging
 
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+
+
+async def test_a_message_whose_commit_was_fenced_is_forwarded_once_the_partition_stays_here(
+    topics: KafkaSettings, cassandra_settings: CassandraSettings, statements: object, run_id: str
+) -> None:
+    """The partition's producer is fenced while this consumer keeps the partition (no rebalance
+    resets its position): the decided message must be fetched and decided again, not dropped."""
+    settings = ingress_settings(topics, cassandra_settings, SECRETS)
+    session = f"s-fenced-{run_id}"
+    key = session_key("acme", session)
+    tp = TopicPartition(topics.topic("ingress"), (murmur2(key) & 0x7FFFFFFF) % topics.topic_partitions)
+    codec = default_codec()
+    async with Client(topics, codec) as client, running_ingress(settings):
+        await client.send("acme", session, "m-before")
+        await client.wait_for("reasoning.inbox", by_message("m-before"))
+        # Another producer with the partition's transactional id: ingress's own is fenced.
+        txn_id = transactional_id_for(settings.group_id, tp)
+        intruder = make_producer(topics, client_id="intruder", transactional_id=txn_id)
+        await intruder.start()
+        await intruder.stop()
+        await client.send("acme", session, "m-after-fence")
+        await client.wait_for("reasoning.inbox", by_message("m-after-fence"), within_s=30)
+        await client.poll()
+    forwarded = [d["message_id"] for d in client.seen["reasoning.inbox"] if d["session_id"] == session]
+    assert forwarded == ["m-before", "m-after-fence"]
