@@ -127,6 +127,10 @@ OWNED = Gauge(
 REBUILDS = Counter("agentbus_reasoning_context_loads_total", "Session context loads", ["source"])
 
 
+def _why(exc: Exception) -> str:
+    return "producer fenced" if isinstance(exc, ProducerFenced) else "outcome unknown"
+
+
 class RebuildPendingError(RuntimeError):
     """Cassandra has not caught up with the session's head yet; retry later."""
 
@@ -262,13 +266,18 @@ class PartitionWorker:
             try:
                 await self._process_once(record, first_attempt=fresh)
                 return
-            except (ProducerFenced, PartitionNotOwnedError):
+            except PartitionNotOwnedError:
                 raise
-            except TransactionAbortedError as exc:
-                # The commit's outcome is unknown: it may have been published after all. Before
-                # trying again, learn the session's head again from the events partition.
+            except (ProducerFenced, TransactionAbortedError) as exc:
+                # The commit's outcome is unknown (it may have been published after all), or its
+                # producer was fenced. Fenced usually means a new owner has the partition; but the
+                # fence can come from a replica racing a rebalance while this consumer keeps the
+                # partition, with its position past this record: dropping it would lose it.
+                # Either way, learn the session's head again from the events partition and try
+                # again: _resync starts the partition's producer again only after proving this
+                # consumer is a current member owning it (PartitionNotOwnedError otherwise).
                 self._failures += 1
-                log.warning("%s@%d: outcome unknown (%s); re-reading heads", self.tp, record.offset, exc)
+                log.warning("%s@%d: %s (%s); re-reading heads", self.tp, record.offset, _why(exc), exc)
                 RECORDS.labels("retried").inc()
                 await self._resync(record.key or b"", self._failures)
             except TRANSIENT as exc:

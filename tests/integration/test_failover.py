@@ -13,12 +13,14 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 
+from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from infra.local.services import ServiceReplicas
 from shared.avro import default_codec
 from shared.cassandra import Statements
 from shared.eventlog import EventLog
+from shared.kafka import make_producer, transactional_id_for
 from shared.service import session_key
 from shared.settings import KafkaSettings
 from tests.integration.agent_stack import Client
@@ -88,3 +90,24 @@ async def test_a_session_survives_sigkill_of_its_reasoning_replica_and_a_redis_w
             await asyncio.sleep(0.3)
     assert [e["seq"] for e in events] == list(range(len(events)))
     print(f"failover: reply {recovery_s:.1f}s after SIGKILL of reasoning-{victim}")
+
+
+async def test_a_turn_whose_commit_was_fenced_is_answered_while_the_partition_stays_here(
+    service_processes: Callable[..., ServiceReplicas], topics: KafkaSettings, run_id: str
+) -> None:
+    """Another producer starts with the transactional id of a reasoning partition (a replica
+    racing a rebalance can do that) while reasoning's consumer keeps the partition: the
+    record whose commit is fenced is handled again, not dropped."""
+    service_processes(reasoning=1)
+    tenant, session = "acme", f"fenced-{run_id}"
+    partition = DefaultPartitioner()(session_key(tenant, session), list(range(3)), list(range(3)))
+    inbox = TopicPartition(topics.topic("reasoning.inbox"), partition)
+    async with Client(topics) as client:
+        first = await client.ask(tenant, session, "what is 2+3", within_s=60)
+        assert first["kind"] == "FINAL" and "5" in first["text"]
+        txn_id = transactional_id_for(f"{topics.topic_prefix}-reasoning", inbox)
+        intruder = make_producer(topics, client_id="intruder", transactional_id=txn_id)
+        await intruder.start()  # InitProducerId: reasoning's producer of that partition is fenced
+        await intruder.stop()
+        second = await client.ask(tenant, session, "what is 6*7", within_s=60)
+        assert second["kind"] == "FINAL" and "42" in second["text"], second
