@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiokafka.partitioner import murmur2
+from aiokafka.partitioner import DefaultPartitioner
 
 from infra.local.services import ServiceReplicas, free_base_port
 from infra.local.stack import StackSettings
@@ -264,8 +264,8 @@ def _session_id(i: int, partitions: int) -> str:
         session = f"bench-{i}-{uuid.uuid4().hex[:6]}"
         if not partitions:
             return session
-        key = session_key("acme", session)
-        if (murmur2(key) & 0x7FFFFFFF) % partitions == i % partitions:  # Kafka's default partitioner
+        every = list(range(partitions))
+        if DefaultPartitioner()(session_key("acme", session), every, every) == i % partitions:
             return session
 
 

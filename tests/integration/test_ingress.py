@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import murmur2
+from aiokafka.partitioner import DefaultPartitioner
 
 from services.ingress.handlers import turn_id_for
 from services.ingress.main import run_ingress
@@ -259,7 +259,8 @@ async def test_a_message_whose_commit_was_fenced_is_forwarded_once_the_partition
     settings = ingress_settings(topics, cassandra_settings, SECRETS)
     session = f"s-fenced-{run_id}"
     key = session_key("acme", session)
-    tp = TopicPartition(topics.topic("ingress"), (murmur2(key) & 0x7FFFFFFF) % topics.topic_partitions)
+    partitions = list(range(topics.topic_partitions))
+    tp = TopicPartition(topics.topic("ingress"), DefaultPartitioner()(key, partitions, partitions))
     codec = default_codec()
     async with Client(topics, codec) as client, running_ingress(settings):
         await client.send("acme", session, "m-before")
