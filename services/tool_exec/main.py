@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.structs import ConsumerRecord
-from opentelemetry.trace import Span
+from opentelemetry.trace import Span, SpanKind
 from prometheus_client import Counter, Gauge
 
 from services.tool_exec.idempotency import ToolResultStore
@@ -54,7 +54,7 @@ from shared.service import (
     run_service,
     session_key,
 )
-from shared.telemetry import consume_span, record_attributes, trace_headers
+from shared.telemetry import child_span, consume_span, record_attributes, trace_headers
 
 log = logging.getLogger("agentbus.tool_exec")
 
@@ -212,7 +212,9 @@ class ToolExec(ConsumerRebalanceListener):  # type: ignore[misc]
         with consume_span("tool.execute", record.headers, attributes=record_attributes(record)) as span:
             SLOTS_IN_USE.inc()
             try:
-                await self.publisher.publish(await self._outputs(record, span))
+                outputs = await self._outputs(record, span)
+                with child_span("kafka.publish", kind=SpanKind.PRODUCER):
+                    await self.publisher.publish(outputs)
                 part.offsets.done(record.offset)
             finally:
                 SLOTS_IN_USE.dec()

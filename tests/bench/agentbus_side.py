@@ -135,6 +135,8 @@ class TurnRun:
     started: float
     finished: float
     answer: str
+    sampled: bool = True
+    """Sent with the W3C sampled flag: the services recorded its spans."""
 
 
 @dataclass
@@ -152,10 +154,14 @@ async def run_workload(
     progress: Callable[[int, int], None] | None = None,
     within_s: float = 600.0,
     even_partitions: int = 0,
+    trace_every: int = 1,
 ) -> RunOutcome:
     """Send the workload's turns (``concurrency`` in flight), wait for every final answer.
 
     ``even_partitions`` > 0: session i lands on partition i mod ``even_partitions``.
+    ``trace_every`` > 1: only turn 0, n, 2n, ... carries the sampled flag in its
+    ``traceparent``; the services' parent-based sampler records no spans for the others
+    (every turn is still one trace id end to end), as a deployment under load samples.
     """
     text = workload.user_text()
     turns: list[TurnRun] = []
@@ -172,7 +178,8 @@ async def run_workload(
             nonlocal in_flight, peak
             async with gate:
                 trace_id = secrets.token_hex(16)
-                traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-01".encode()
+                sampled = i % max(trace_every, 1) == 0
+                traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-{'01' if sampled else '00'}".encode()
                 started = time.perf_counter()
                 in_flight += 1
                 peak = max(peak, in_flight)
@@ -182,7 +189,9 @@ async def run_workload(
                     reply = await client.reply(message_id, within_s=within_s)
                 finally:
                     in_flight -= 1
-                turns.append(TurnRun(trace_id, started, time.perf_counter(), reply.get("text") or ""))
+                turns.append(
+                    TurnRun(trace_id, started, time.perf_counter(), reply.get("text") or "", sampled)
+                )
                 if progress is not None:
                     progress(len(turns), workload.sessions)
 
@@ -229,9 +238,9 @@ def span_times(trace_dir: Path, trace_ids: set[str]) -> dict[str, dict[str, floa
     return out
 
 
-async def timings(running: Running, workload: Workload, outcome: RunOutcome) -> list[TurnTiming]:
-    """Each turn's :class:`TurnTiming`, once every service has exported the turn's spans."""
-    ids = {t.trace_id for t in outcome.turns}
+async def timings(running: Running, workload: Workload, outcome: RunOutcome) -> dict[str, TurnTiming]:
+    """Each sampled turn's :class:`TurnTiming` by trace id, once every service has exported its spans."""
+    ids = {t.trace_id for t in outcome.turns if t.sampled}
     want_calls = workload.steps + 1
     deadline = time.monotonic() + 30
     while True:
@@ -242,18 +251,18 @@ async def timings(running: Running, workload: Workload, outcome: RunOutcome) -> 
         if complete == len(ids) or time.monotonic() > deadline:
             break
         await asyncio.sleep(1.0)
-    result = []
+    result = {}
     for t in outcome.turns:
+        if t.trace_id not in ids:
+            continue
         spans = times.get(t.trace_id, {})
-        result.append(
-            TurnTiming(
-                turn_s=t.finished - t.started,
-                model_s=spans.get("model_s", 0.0),
-                tool_s=spans.get("tool_s", 0.0),
-                steps=workload.steps,
-                model_calls=int(spans.get("model_calls", 0)),
-                answer=t.answer,
-            )
+        result[t.trace_id] = TurnTiming(
+            turn_s=t.finished - t.started,
+            model_s=spans.get("model_s", 0.0),
+            tool_s=spans.get("tool_s", 0.0),
+            steps=workload.steps,
+            model_calls=int(spans.get("model_calls", 0)),
+            answer=t.answer,
         )
     return result
 
@@ -276,8 +285,13 @@ async def measure(
     *,
     progress: Callable[[int, int], None] | None = None,
     label: str = "agentbus",
+    trace_every: int = 1,
 ) -> tuple[PeerResult, RunOutcome]:
-    """Deploy, warm up (not counted), run the workload, summarise like a peer."""
+    """Deploy, warm up (not counted), run the workload, summarise like a peer.
+
+    ``trace_every`` > 1: one turn in that many is traced (see :func:`run_workload`); the
+    overhead percentiles come from those, everything else from every turn.
+    """
     async with deployed(deployment, home) as running:
         # Warm-up (not counted): the broker's and Cassandra's JVMs compile their hot paths under
         # load, and a freshly (re)started server would otherwise be measured half-interpreted.
@@ -288,15 +302,26 @@ async def measure(
         )
         await run_workload(running, warm, within_s=180)
         even = deployment.partitions if deployment.even_keys else 0
-        outcome = await run_workload(running, workload, progress=progress, even_partitions=even)
-        turns = await timings(running, workload, outcome)
+        outcome = await run_workload(
+            running, workload, progress=progress, even_partitions=even, trace_every=trace_every
+        )
+        timed = await timings(running, workload, outcome)
+    # An untraced turn's model calls are not counted from spans: its (checked) answer says the
+    # turn made its steps + 1 calls.
+    turns = [
+        timed.get(t.trace_id)
+        or TurnTiming(t.finished - t.started, 0.0, 0.0, workload.steps, workload.steps + 1, t.answer)
+        for t in outcome.turns
+    ]
     memory = ", ".join(f"{k} {v:.0f}" for k, v in outcome.memory.items())
     notes = (
         f"4 services as processes ({deployment.counts()}), {deployment.partitions} partitions; "
         "every step = 2 Kafka hops, 1 Kafka transaction, its events written to Cassandra by the "
         f"checkpoint; peak RSS per replica MiB: {memory}"
     )
-    result = summarize(label, workload, outcome.wall_s, turns, None, notes)
+    if trace_every > 1:
+        notes += f"; 1 turn in {trace_every} traced, the overhead figures from those"
+    result = summarize(label, workload, outcome.wall_s, turns, None, notes, timed=list(timed.values()))
     result.rss_parts_mib = dict(outcome.memory)
     result.rss_mib = round(sum(outcome.memory[n] * c for n, c in deployment.counts().items()), 1)
     return result, outcome

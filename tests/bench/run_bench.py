@@ -111,7 +111,7 @@ async def warm_servers() -> None:
     """
     progress = Progress("warm-up (not counted)")
     load = Workload(sessions=1500, steps=5, concurrency=100)
-    await measure(Deployment(), load, _home("warm"), progress=progress)
+    await measure(Deployment(), load, _home("warm"), progress=progress, trace_every=LOAD_TRACE_EVERY)
 
 
 async def overhead_and_throughput(quick: bool, peers: bool) -> dict[str, Any]:
@@ -123,12 +123,13 @@ async def overhead_and_throughput(quick: bool, peers: bool) -> dict[str, Any]:
     }
     for name, workload in plans.items():
         progress = Progress(f"{name}: agentbus")
-        result, _ = await measure(Deployment(), workload, _home(name), progress=progress)
+        every = LOAD_TRACE_EVERY if name == "throughput" else 1
+        result, _ = await measure(Deployment(), workload, _home(name), progress=progress, trace_every=every)
         rows = {"agentbus": asdict(result)}
         if name == "throughput":
             deployment = Deployment(partitions=FEW_PARTITIONS)
             progress = Progress(f"{name}: agentbus, {FEW_PARTITIONS} partitions")
-            result, _ = await measure(deployment, workload, _home(name), progress=progress)
+            result, _ = await measure(deployment, workload, _home(name), progress=progress, trace_every=every)
             rows[f"agentbus ({FEW_PARTITIONS} partitions)"] = asdict(result)
         if peers:
             for peer in PEERS:
@@ -143,7 +144,9 @@ async def multiplex(quick: bool) -> dict[str, Any]:
     workload = Workload(sessions=sessions, steps=1, tool_latency_s=0.5, concurrency=sessions)
     deployment = Deployment(reasoning=1, tool_exec=2, tool_slots=sessions, max_inflight_model_calls=256)
     progress = Progress("multiplex")
-    result, outcome = await measure(deployment, workload, _home("multiplex"), progress=progress)
+    result, outcome = await measure(
+        deployment, workload, _home("multiplex"), progress=progress, trace_every=LOAD_TRACE_EVERY
+    )
     return {
         "workload": asdict(workload),
         "peak_sessions_in_flight": outcome.peak_in_flight,
@@ -268,6 +271,10 @@ async def scaling(quick: bool) -> dict[str, Any]:
 
 
 SCENARIOS = ("overhead", "multiplex", "context", "scaling")
+# Under load (warm-up, throughput, multiplex) one turn in this many carries the sampled flag,
+# as a deployment samples its traces; the per-step overhead scenarios (1 and 4 in flight) and
+# the scaling runs trace every turn. The peers record no traces at all.
+LOAD_TRACE_EVERY = 10
 # The throughput scenario's second agentbus deployment: one partition per 3 of the default 12
 # still leaves room for the 4 replicas of the scaling scenario.
 FEW_PARTITIONS = 4

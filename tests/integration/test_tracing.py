@@ -98,6 +98,11 @@ async def test_one_turn_is_one_trace_across_the_four_services(
     # Cassandra and Redis calls made while handling a record are its children (Redis: ingress;
     # reasoning serves this session from its own memory and writes Redis behind the commit).
     assert {s.attributes.get("db.system") for s in spans} >= {"cassandra", "redis"}
+    # Each handled record's wait for its transaction (reasoning) or produce (tool-exec).
+    published = [by_id[p.parent_id or ""] for p in named("kafka.publish")]
+    assert sorted(p.name for p in published) == sorted(
+        ["reasoning.handle"] * len(handled) + ["tool.execute"] * 2
+    )
 
     out = io.StringIO()
     args = cli.build_parser().parse_args(
@@ -118,3 +123,40 @@ async def test_one_turn_is_one_trace_across_the_four_services(
     assert trace_ids[0] in text and "[ingress] ingress.admit" in text
     assert "[checkpoint] checkpoint.append" in text
     assert "triton.infer" in text and "tool=calculator" in text
+
+
+async def test_a_turn_sent_without_the_sampled_flag_keeps_its_trace_id_and_records_no_span(
+    service_processes: Callable[..., ServiceReplicas],
+    topics: KafkaSettings,
+    statements: Statements,
+    tmp_path: Path,
+) -> None:
+    """The services' sampler is parent-based: a client (or the bench) decides which turns are traced."""
+    service_processes(reasoning=1)
+    quiet, traced = (f"{name}-{uuid.uuid4().hex[:8]}" for name in ("unsampled", "sampled"))
+    ids = {session: uuid.uuid4().hex for session in (quiet, traced)}
+    async with Client(topics) as client:
+        for session, flags in ((quiet, "00"), (traced, "01")):
+            parent = f"00-{ids[session]}-{uuid.uuid4().hex[:16]}-{flags}".encode()
+            text = "what is 2+3"
+            reply = await client.ask("acme", session, text, within_s=90, headers=[("traceparent", parent)])
+            assert reply["kind"] == "FINAL", reply
+
+    async def both_logged() -> dict[str, list[dict[str, Any]]]:
+        logs = {s: await read_history(statements, "acme", s) for s in ids}
+        done = all(any(e["event_type"] == "RESPONSE_SENT" for e in log) for log in logs.values())
+        return logs if done else {}
+
+    logs = await _wait_for(both_logged)
+    assert logs, "the checkpoint wrote both turns"
+    for session, log in logs.items():
+        # Sampled or not, every event of the turn carries the client's trace id.
+        assert {e["trace_id"] for e in log} == {ids[session]}, session
+    trace_dir = tmp_path / "traces"
+
+    async def traced_spans() -> list[Span]:
+        spans = await asyncio.to_thread(load_spans, trace_dir, [ids[traced]])
+        return spans if {s.service for s in spans} >= SERVICES else []
+
+    assert await _wait_for(traced_spans), "the sampled turn's spans from every service"
+    assert await asyncio.to_thread(load_spans, trace_dir, [ids[quiet]]) == []

@@ -260,8 +260,14 @@ def summarize(
     turns: Sequence[TurnTiming],
     memory: MemorySampler | None,
     notes: str = "",
+    *,
+    timed: Sequence[TurnTiming] | None = None,
 ) -> PeerResult:
-    """The :class:`PeerResult` of a run; raises :class:`PeerError` if a turn's answer is wrong."""
+    """The :class:`PeerResult` of a run; raises :class:`PeerError` if a turn's answer is wrong.
+
+    ``timed``: the turns whose model and tool time were measured, when that is not every
+    turn (agentbus under load traces a sample); the overhead percentiles come from them.
+    """
     expected = workload.expected_answer()
     wrong = [t.answer for t in turns if t.answer != expected]
     if len(turns) != workload.sessions or wrong:
@@ -270,7 +276,7 @@ def summarize(
             + (f", e.g. {wrong[0]!r} (expected {expected!r})" if wrong else "")
         )
     steps_total = sum(t.steps for t in turns)
-    overhead_ms = [t.overhead_per_step_s * 1000 for t in turns]
+    overhead_ms = [t.overhead_per_step_s * 1000 for t in (turns if timed is None else timed)]
     turn_ms = [t.turn_s * 1000 for t in turns]
     return PeerResult(
         name=name,
