@@ -17,7 +17,7 @@ from shared.cassandra import Statements
 from shared.ratelimit import BucketScript
 from shared.telemetry import child_span
 
-from .handlers import bucket_key, owner_key
+from .handlers import Claim, bucket_key, owner_key
 
 CLAIM_SESSION = (
     "INSERT INTO {ks}.session_owners (session_id, tenant_id, created_at) VALUES (?, ?, ?) IF NOT EXISTS"
@@ -36,18 +36,20 @@ class SessionOwnership:
         """Prepare the claim statement (blocking: call it from a thread at start-up)."""
         self._statements.get(CLAIM_SESSION)
 
-    async def claim(self, tenant_id: str, session_id: str) -> str:
+    async def claim(self, tenant_id: str, session_id: str) -> Claim:
         with child_span("redis", attributes={"db.system": "redis", "db.operation": "GET owner"}):
             cached = await self._redis.get(owner_key(session_id))
         if cached is not None:
-            return cached.decode() if isinstance(cached, bytes) else str(cached)
+            return Claim(cached.decode() if isinstance(cached, bytes) else str(cached))
         (row,) = await self._statements.run(CLAIM_SESSION, [session_id, tenant_id, dt.datetime.now(dt.UTC)])
         # Not applied: the row already there comes back, with the tenant that owns it. A claim
-        # retried after an ambiguous timeout finds its own row, so retrying is safe.
-        owner = tenant_id if row["[applied]"] else str(row["tenant_id"])
+        # retried after an ambiguous timeout finds its own row, so retrying is safe (and says
+        # "not created": only one claim of a session id ever applies).
+        created = bool(row["[applied]"])
+        owner = tenant_id if created else str(row["tenant_id"])
         # An owner never changes, so caching the answer (ours or another's) is always right.
         await self._redis.set(owner_key(session_id), owner, ex=self._ttl_s)
-        return owner
+        return Claim(owner, created)
 
 
 class RedisSeenMessages:

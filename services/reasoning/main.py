@@ -262,9 +262,13 @@ class PartitionWorker:
         attempts = 0
         backoff = 0.1
         fresh = self.first_delivery_from is not None and record.offset >= self.first_delivery_from
+        tries = 0
         while True:
+            tries += 1
             try:
-                await self._process_once(record, first_attempt=fresh)
+                # A session ingress says it created is taken as new only on the first try of a
+                # record never delivered before: a retry may follow a commit that did happen.
+                await self._process_once(record, first_attempt=fresh, created_ok=fresh and tries == 1)
                 return
             except PartitionNotOwnedError:
                 raise
@@ -347,15 +351,19 @@ class PartitionWorker:
         await self.committer.finish(record.offset, records)
         RECORDS.labels(f"dlq_{code}").inc()
 
-    async def _process_once(self, record: ConsumerRecord, *, first_attempt: bool = False) -> None:
+    async def _process_once(
+        self, record: ConsumerRecord, *, first_attempt: bool = False, created_ok: bool = False
+    ) -> None:
         with consume_span("reasoning.handle", record.headers, attributes=record_attributes(record)) as span:
             try:
-                await self._handle(record, span, first_attempt=first_attempt)
+                await self._handle(record, span, first_attempt=first_attempt, created_ok=created_ok)
             except Exception as exc:
                 mark_error(span, exc)
                 raise
 
-    async def _handle(self, record: ConsumerRecord, span: Span, *, first_attempt: bool = False) -> None:
+    async def _handle(
+        self, record: ConsumerRecord, span: Span, *, first_attempt: bool = False, created_ok: bool = False
+    ) -> None:
         deps = self.deps
         started = time.perf_counter()
         try:
@@ -377,11 +385,19 @@ class PartitionWorker:
         key = record.key
         targets = ((self.events_topic, key, self.tp.partition), (self.calls_topic, key, None))
         with deps.txns.working(self.tp, targets):
-            state = await self.load_state(tenant, session)
+            created = created_ok and bool(datum.get("session_created"))
+            state = await self.load_state(tenant, session, created=created)
             t_model = time.perf_counter()
             outputs = await deps.engine.handle(state, decoded.name, datum, first_attempt=first_attempt)
             model_time = time.perf_counter() - t_model if outputs.model_calls else 0.0
-        await self.committer.finish(record.offset, self._records(record, tenant, session, outputs))
+        out_records = self._records(record, tenant, session, outputs)
+        # The wait for the partition's transaction (shared with other records finishing now).
+        with child_span(
+            "kafka.publish",
+            kind=SpanKind.PRODUCER,
+            attributes={"messaging.batch.message_count": len(out_records)},
+        ):
+            await self.committer.finish(record.offset, out_records)
         if outputs.events:
             # Committed: the state at this seq is final. Cached here and, without holding up
             # this session's next record, written to Redis (compare-and-set on seq).
@@ -410,11 +426,19 @@ class PartitionWorker:
         out += [OutRecord(s.topic("responses"), r, key=key, headers=headers) for r in outputs.responses]
         return out
 
-    async def load_state(self, tenant: str, session: str) -> SessionState:
+    async def load_state(self, tenant: str, session: str, *, created: bool = False) -> SessionState:
         """The session's state at its head: this replica's own commit (memory), the hot context
-        (Redis) if current, else rebuilt from Cassandra."""
+        (Redis) if current, else rebuilt from Cassandra.
+
+        ``created``: the record is a TurnRequested whose ``session_created`` ingress set (its
+        claim of the session id applied), delivered for the first time and tried for the first
+        time here: with no head known, the session is new without asking Cassandra.
+        """
         deps = self.deps
         head = self.heads.get((tenant, session))
+        if head is None and created:
+            REBUILDS.labels("created").inc()
+            return SessionState(tenant, session)
         if head is None:
             rows = await deps.statements.run(
                 "SELECT last_seq FROM {ks}.sessions WHERE tenant_id = ? AND session_id = ?", (tenant, session)

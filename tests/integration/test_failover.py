@@ -8,19 +8,25 @@ left behind.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from aiokafka import TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from infra.local.services import ServiceReplicas
+from services.ingress.handlers import turn_id_for
+from services.reasoning.main import scan_heads
+from services.reasoning.settings import ReasoningSettings
 from shared.avro import default_codec
 from shared.cassandra import Statements
 from shared.eventlog import EventLog
-from shared.kafka import make_producer, transactional_id_for
+from shared.kafka import make_consumer, make_producer, transactional_id_for
 from shared.service import session_key
 from shared.settings import KafkaSettings
 from tests.integration.agent_stack import Client
@@ -111,3 +117,105 @@ async def test_a_turn_whose_commit_was_fenced_is_answered_while_the_partition_st
         await intruder.stop()
         second = await client.ask(tenant, session, "what is 6*7", within_s=60)
         assert second["kind"] == "FINAL" and "42" in second["text"], second
+
+
+async def test_a_session_created_record_delivered_before_the_owner_started_is_looked_up(
+    service_processes: Callable[..., ServiceReplicas],
+    topics: KafkaSettings,
+    statements: Statements,
+    run_id: str,
+) -> None:
+    """``session_created`` spares reasoning the look-up of a new session only for a record
+    never delivered before. One waiting in the inbox when the owner starts may have been
+    handled by an earlier owner, so its session is looked up: here a record marked
+    "created" for a session that has a whole turn in Cassandra (and none past the checkpoint
+    on the events topic) continues that session instead of starting it again at seq 0."""
+    sup = service_processes(reasoning=1)
+    tenant, session = "acme", f"created-{run_id}"
+    key = session_key(tenant, session)
+    partition = DefaultPartitioner()(key, list(range(3)), list(range(3)))
+    codec = default_codec()
+    log = EventLog(statements)
+
+    async def stored() -> list[dict[str, Any]]:
+        return [
+            codec.decode(e.record, expected="SessionEvent").datum for e in await log.read(tenant, session)
+        ]
+
+    async with Client(topics) as client:
+        first = await client.ask(tenant, session, "what is 2+3", within_s=60)
+        assert first["kind"] == "FINAL" and "5" in first["text"]
+
+        async def first_turn_checkpointed() -> list[dict[str, Any]]:
+            events = await stored()
+            answered = "RESPONSE_SENT" in [e["event_type"] for e in events]
+            done = answered and await _checkpointed(topics, partition, tenant, session)
+            return events if done else []
+
+        # The turn is in Cassandra and the checkpoint's offset is past it: no head scan finds it.
+        events = await _eventually(first_turn_checkpointed)
+        sup.stop("reasoning")
+        # Every record of the first turn is behind the group's offset: the injected one is the
+        # first record of the session the next owner handles.
+        inbox = TopicPartition(topics.topic("reasoning.inbox"), partition)
+        group = make_consumer(topics, group_id=f"{topics.topic_prefix}-reasoning", client_id="created-test")
+        await group.start()
+        try:
+            group.assign([inbox])
+            await group.seek_to_end(inbox)
+            await group.commit({inbox: await group.position(inbox)})
+        finally:
+            await group.stop()
+
+        message_id = uuid.uuid4().hex
+        turn = {
+            "tenant_id": tenant,
+            "session_id": session,
+            "message_id": message_id,
+            "turn_id": turn_id_for(tenant, session, message_id),
+            "text": "what is 6*7",
+            "concurrency_policy": "QUEUE",
+            "requested_at": dt.datetime.now(dt.UTC),
+            "metadata": {},
+            "session_created": True,
+        }
+        producer = make_producer(topics, client_id="created-test")
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                topics.topic("reasoning.inbox"),
+                codec.encode("TurnRequested", turn),
+                key=key,
+                partition=partition,
+            )
+        finally:
+            await producer.stop()
+        await asyncio.to_thread(sup.start, "reasoning", 1)
+        second = await client.reply(message_id, within_s=60)
+        assert second["kind"] == "FINAL" and "42" in second["text"], second
+
+    async def both_turns() -> list[dict[str, Any]]:
+        after = await stored()
+        return after if [e["event_type"] for e in after].count("RESPONSE_SENT") == 2 else []
+
+    after = await _eventually(both_turns)
+    assert [e["seq"] for e in after] == list(range(len(after)))
+    assert after[: len(events)] == events  # the first turn's events are untouched
+
+
+async def _checkpointed(topics: KafkaSettings, partition: int, tenant: str, session: str) -> bool:
+    """Whether a new owner's head scan of events ``partition`` (past the checkpoint) misses the session."""
+    settings = ReasoningSettings.from_env(
+        topic_prefix=topics.topic_prefix, checkpoint_group=f"{topics.topic_prefix}-checkpoint"
+    )
+    heads = await scan_heads(settings, [partition], default_codec())
+    return (tenant, session) not in heads[partition]
+
+
+async def _eventually(probe: Callable[[], Any], within_s: float = 30.0) -> Any:
+    """``probe()``'s first truthy value, polled; AssertionError after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while not (value := await probe()):
+        assert time.monotonic() < deadline, f"{probe.__name__} not true within {within_s}s"
+        await asyncio.sleep(0.3)
+    return value

@@ -176,6 +176,7 @@ async def test_ingress_forwards_rejects_dead_letters_and_keeps_serving(
             "concurrency_policy": "INTERRUPT",
             "requested_at": turn["requested_at"],
             "metadata": {"lang": "en"},
+            "session_created": True,  # s1's first message: its claim applied
         }
         assert turn["turn_id"] == "t-" + hashlib.sha256(f"acme/{s1}/m-v2".encode()).hexdigest()[:24]
         v1 = await client.wait_for("reasoning.inbox", by_message("m-v1"))
@@ -219,6 +220,10 @@ async def test_ingress_forwards_rejects_dead_letters_and_keeps_serving(
 
     forwarded = [d["message_id"] for d in client.seen["reasoning.inbox"]]
     assert forwarded.count("m-dup") == 1, forwarded
+    # Only the first message of each session created it (its claim applied; later ones hit the
+    # owner cache or the claim already made).
+    created = {d["message_id"] for d in client.seen["reasoning.inbox"] if d["session_created"]}
+    assert created == {"m-v2", "m-v1", "m-dup"}, created
     assert sorted(forwarded) == sorted(["m-v2", "m-v1", "m-dup", "m-after-dup", "m-last"])
     assert all(h.get("traceparent") == TRACEPARENT for h in client.headers["reasoning.inbox"])
     inbox_keys = {(d["tenant_id"], d["session_id"]) for d in client.seen["reasoning.inbox"]}

@@ -63,6 +63,11 @@ async def test_every_replica_exports_lag_and_a_scaling_signal_and_top_shows_them
     dead = metrics["ingress"]["agentbus_dead_letters_total"]
     assert any(labels["reason_code"] == "bad_magic" and value >= 1 for labels, value in dead), dead
     assert metrics["reasoning"]["agentbus_model_call_seconds_count"][0][1] >= 2
+    # The session was new: ingress's claim created it, so reasoning did not look it up.
+    loads = dict(
+        (labels["source"], v) for labels, v in metrics["reasoning"]["agentbus_reasoning_context_loads_total"]
+    )
+    assert loads.get("created", 0) >= 1 and "new" not in loads, loads
     assert "agentbus_checkpoint_lag_seconds" in metrics["checkpoint"]
     for name in ("ingress", "reasoning"):  # transactions opened while their records were handled
         txns = metrics[name]["agentbus_kafka_transactions_total"]

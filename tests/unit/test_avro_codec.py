@@ -57,6 +57,7 @@ PUBLISHED: dict[tuple[str, int], tuple[str, str]] = {
     ("ToolCall", 1): ("3baebf1b95d752db", "5beeedcaccfe7c27"),
     ("ToolResult", 1): ("fb2b7853eabffbc1", "4106a9ef664eb22a"),
     ("TurnRequested", 1): ("704b3ddb00204bea", "57e44323577ff561"),
+    ("TurnRequested", 2): ("156623d0a4b3fafa", "8ae86753ab7cca54"),
     ("UserMessage", 1): ("22c4d9e6338db067", "fe8308262efe3886"),
     ("UserMessage", 2): ("cd5b7ca47bf5b20f", "08803fadc54daa1c"),
 }

@@ -10,6 +10,7 @@ import pytest
 
 from services.ingress.handlers import (
     Admission,
+    Claim,
     DeadLetter,
     Duplicate,
     Forward,
@@ -38,8 +39,9 @@ class FakeOwners:
     def __init__(self) -> None:
         self.owners: dict[str, str] = {}
 
-    async def claim(self, tenant_id: str, session_id: str) -> str:
-        return self.owners.setdefault(session_id, tenant_id)
+    async def claim(self, tenant_id: str, session_id: str) -> Claim:
+        created = session_id not in self.owners
+        return Claim(self.owners.setdefault(session_id, tenant_id), created)
 
 
 class FakeSeen:
@@ -161,8 +163,21 @@ async def test_valid_v2_message_is_forwarded_with_its_policy(admission: Admissio
         "concurrency_policy": "INTERRUPT",
         "requested_at": NOW,
         "metadata": {"k": "v"},
+        "session_created": True,
     }
     assert outcome.idem_key == idem_key("acme", "s-1", "m-1")
+
+
+async def test_only_the_message_whose_claim_applied_says_it_created_the_session(
+    admission: Admission, codec: AvroCodec
+) -> None:
+    created = []
+    for message_id in ("m-1", "m-2"):
+        value = message(codec, message_id=message_id)
+        outcome = await admission.admit(value, signed(value), set())
+        assert isinstance(outcome, Forward)
+        created.append(outcome.turn["session_created"])
+    assert created == [True, False]
 
 
 async def test_v1_message_gets_the_tenant_default(admission: Admission, codec: AvroCodec) -> None:
