@@ -223,6 +223,8 @@ class TritonModel:
         self._extra = extra_sampling(settings)
         self._current: _Stream | None = None
         self._streams_opened = 0
+        self.responses = 0
+        """Model responses received (one per piece when streamed, else one per generation)."""
 
     @property
     def name(self) -> str:
@@ -263,7 +265,7 @@ class TritonModel:
             "request_id": uuid.uuid4().hex,
         }
 
-    async def stream(
+    def stream(
         self, prompt: str, *, sampling: Mapping[str, Any] | None = None, timeout_s: float | None = None
     ) -> AsyncIterator[str]:
         """Yield the completion of ``prompt`` piece by piece, as the model streams it.
@@ -272,7 +274,12 @@ class TritonModel:
             ModelCallError: the model answered with an error (``transient=False`` for a bad
                 request, ``True`` for unavailable/overloaded), or the deadline passed.
         """
-        request = self._request(prompt, True, sampling)
+        return self._generation(prompt, True, sampling, timeout_s)
+
+    async def _generation(
+        self, prompt: str, streamed: bool, sampling: Mapping[str, Any] | None, timeout_s: float | None
+    ) -> AsyncIterator[str]:
+        request = self._request(prompt, streamed, sampling)
         deadline = timeout_s if timeout_s is not None else self._settings.triton_timeout_s
         # Not made current: this generator yields into its caller's context.
         span = start_child_span(
@@ -329,6 +336,7 @@ class TritonModel:
                     # An error ends its generation, FINAL flag or not (Triton answers a request it
                     # refuses, e.g. for an unknown model, with one error response without the flag).
                     raise _model_error(InferenceServerException(msg=item.error_message))
+                self.responses += 1
                 response = item.infer_response
                 text = InferResult(response).as_numpy("text_output")
                 if text is not None:
@@ -343,8 +351,13 @@ class TritonModel:
     async def generate(
         self, prompt: str, *, sampling: Mapping[str, Any] | None = None, timeout_s: float | None = None
     ) -> str:
-        """The whole completion of ``prompt`` (see :meth:`stream` for errors)."""
-        return "".join([piece async for piece in self.stream(prompt, sampling=sampling, timeout_s=timeout_s)])
+        """The whole completion of ``prompt`` (see :meth:`stream` for errors).
+
+        Asked for with ``stream`` false: the model answers once, with the whole text and the
+        final flag, instead of one response per piece (each a gRPC message, a hop through
+        grpc.aio's poller thread and a decode here, and a send from the model).
+        """
+        return "".join([piece async for piece in self._generation(prompt, False, sampling, timeout_s)])
 
     async def ready(self) -> bool:
         """Whether the server is ready and serves this model."""

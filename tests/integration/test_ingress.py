@@ -225,7 +225,10 @@ async def test_ingress_forwards_rejects_dead_letters_and_keeps_serving(
     created = {d["message_id"] for d in client.seen["reasoning.inbox"] if d["session_created"]}
     assert created == {"m-v2", "m-v1", "m-dup"}, created
     assert sorted(forwarded) == sorted(["m-v2", "m-v1", "m-dup", "m-after-dup", "m-last"])
-    assert all(h.get("traceparent") == TRACEPARENT for h in client.headers["reasoning.inbox"])
+    # Every TurnRequested continues the client's trace: the same trace id, whose parent span is
+    # the client's or (with a recording tracer provider in this process) ingress's own.
+    trace_id = TRACEPARENT.split(b"-")[1]
+    assert all(h["traceparent"].split(b"-")[1] == trace_id for h in client.headers["reasoning.inbox"])
     inbox_keys = {(d["tenant_id"], d["session_id"]) for d in client.seen["reasoning.inbox"]}
     assert inbox_keys == {("acme", s1), ("acme", s2), ("acme", s3)}
 

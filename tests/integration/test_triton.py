@@ -36,8 +36,14 @@ async def test_reference_model_answers_text_output_over_grpc_asyncio(triton_sett
         answer = await model.generate(prompt)
         assert "hello from the test suite" in answer
         assert answer == await model.generate(prompt), "the reference policy is deterministic"
-        pieces = [p async for p in model.stream("user: " + "a long question " * 20)]
+        long = "user: " + "a long question " * 20
+        before = model.responses
+        pieces = [p async for p in model.stream(long)]
         assert len(pieces) > 1, "stream=True arrives in several responses"
+        assert model.responses - before == len(pieces)
+        before = model.responses
+        assert await model.generate(long) == "".join(pieces)
+        assert model.responses - before == 1, "generate asks for the whole text in one response"
     finally:
         await client.close()
 
