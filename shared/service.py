@@ -24,6 +24,8 @@ import os
 import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
@@ -157,6 +159,53 @@ def configure_logging(settings: ServiceSettings) -> None:
     )
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("cassandra").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatedLogFilter())
+
+
+class RepeatedLogFilter(logging.Filter):
+    """The first of a client library's repeated messages per window; the rest only counted.
+
+    While the broker restarts, aiokafka logs "Got error produce response" for every batch
+    it retries: one chaos run's tool-exec replica wrote 12,932 such lines in 80 s. Per
+    logger and message template (the text before its ``%`` arguments are filled in), one
+    record passes per ``window_s``; the next one to pass says how many were held back.
+    Only loggers under ``prefixes`` are filtered: agentbus's own messages always pass.
+    """
+
+    MAX_KEYS = 1024  # templates remembered at once (a library logging pre-formatted text)
+
+    def __init__(
+        self,
+        prefixes: Sequence[str] = ("aiokafka", "cassandra"),
+        *,
+        window_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._prefixes = tuple(prefixes)
+        self._window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()  # the Cassandra driver logs from its own threads
+        self._windows: dict[tuple[str, str], list[float]] = {}  # -> [window start, held back]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self._prefixes):
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None and now - window[0] < self._window_s:
+                window[1] += 1
+                return False
+            if len(self._windows) >= self.MAX_KEYS:
+                self._windows.clear()
+            self._windows[key] = [now, 0]
+        if window is not None and window[1]:
+            held, seconds = int(window[1]), now - window[0]
+            record.msg = f"{record.msg} [and {held} more like it in the {seconds:.0f}s before, not logged]"
+        return True
 
 
 def tune_gc(settings: ServiceSettings) -> None:
