@@ -359,17 +359,22 @@ class Chaos:
         await asyncio.gather(*(self._kill(name, restart_after=3.0) for name in SERVICES))
 
     async def _sigstop_reasoning(self) -> None:
-        # Needs a survivor to take over: wait (bounded) until two replicas run.
-        for _ in range(100):
+        # Needs a survivor to take over, and a victim that owns partitions (a replica without
+        # any has nothing to be fenced from): wait (bounded) until two run and one owns some.
+        candidates: list[tuple[Any, set[int]]] = []
+        for _ in range(150):
             running = self.sup.running("reasoning")
             if len(running) >= 2:
-                break
+                owned_by = [(r, await asyncio.to_thread(self._owned, r.index)) for r in running]
+                candidates = [(r, owned) for r, owned in owned_by if owned]
+                if candidates:
+                    break
             await asyncio.sleep(0.2)
         else:
-            self._record("sigstop-skipped", "reasoning", "no second replica running")
+            why = "no replica owning partitions" if len(running) >= 2 else "no second replica running"
+            self._record("sigstop-skipped", "reasoning", why)
             return
-        victim = self.rng.choice(running)
-        owned = await asyncio.to_thread(self._owned, victim.index)
+        victim, owned = self.rng.choice(candidates)
         await asyncio.to_thread(self.sup.kill, "reasoning", victim.index, signal.SIGSTOP)
         record = self._record("sigstop", victim.name, f"partitions {sorted(owned)}")
         if owned:

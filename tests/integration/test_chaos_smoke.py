@@ -25,3 +25,7 @@ async def test_smoke_chaos_loses_nothing_and_does_nothing_twice() -> None:
     assert len(result.answers) == config.sessions * config.turns
     kinds = {f.kind for f in result.faults}
     assert {"kill", "burst", "sigstop", "redis-flushall", "poison", "replay"} <= kinds, kinds
+    # The SIGSTOPped replica owned partitions, and live replicas took them over: a zombie with
+    # nothing to be fenced from would test nothing.
+    (stopped,) = [f for f in result.faults if f.kind == "sigstop"]
+    assert stopped.note != "partitions []" and stopped.recovery_s is not None, stopped
