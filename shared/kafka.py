@@ -741,8 +741,17 @@ class GroupCommitter:
         self._start_flusher()
         flusher = self._flusher
         if flusher is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(asyncio.shield(flusher), within_s)
+            except asyncio.CancelledError:
+                # The flusher was cancelled (a close() of the same partition running alongside,
+                # e.g. the rebalance listener and a failed preparation both closing it): nothing
+                # more to settle. Only a cancellation of this task itself goes on up.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            except Exception:  # noqa: BLE001 - best effort, see above
+                pass
 
     async def close(self) -> None:
         """Stop flushing; records still queued fail with :class:`PartitionNotOwnedError`."""

@@ -209,6 +209,7 @@ class PartitionWorker:
         # Inbox offsets from here on were never delivered to an earlier owner (set when the
         # partition is prepared): their first attempt cannot find a decision already paid for.
         self.first_delivery_from: int | None = None
+        self._closing: asyncio.Future[None] | None = None
         OWNED.labels(str(tp.partition)).set(1)
 
     @property
@@ -226,6 +227,13 @@ class PartitionWorker:
             SESSIONS_IN_FLIGHT.inc()
 
     async def close(self) -> None:
+        """Stop the partition's work and settle its offsets; safe to call more than once and
+        from two tasks at once (the rebalance listener and a failed preparation can both)."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         self.closed = True
         with contextlib.suppress(KeyError):
             OWNED.remove(str(self.tp.partition))

@@ -111,6 +111,9 @@ class ChaosResult:
     turn_latencies: list[float] = field(default_factory=list)  # send -> final answer seen, seconds
     duration_s: float = 0.0
     groups: dict[str, str] = field(default_factory=dict)
+    # Replicas not running once the workload is answered and every group caught up: the
+    # harness restarts whatever it kills, so these ended by themselves (a crash).
+    exited: list[str] = field(default_factory=list)
 
     def recovery(self, kind_prefix: str) -> tuple[float | None, float | None]:
         values = [
@@ -246,6 +249,9 @@ class Chaos:
                 await faults
             self.result.duration_s = self._now()
             await self._wait_caught_up()
+            self.result.exited = [
+                r.name for name in SERVICES for r in self.sup.known(name) if r.running_pid() is None
+            ]
         finally:
             self.stop_services()
         return self.result

@@ -86,7 +86,7 @@ async def run_scenario(config: ChaosConfig, *, partitions: int = 6) -> tuple[Cha
             expected_dlq=[InjectedBadRecord(i.topic, i.value, i.expect_reason) for i in result.injected],
             expected_messages=[SentMessage(m.tenant, m.session, m.message_id) for m in result.sent],
         )
-        passed = bool(report.ok) and not result.wrong_answers
+        passed = bool(report.ok) and not result.wrong_answers and not result.exited
         return result, report
     finally:
         if passed:  # a failed run's topics and keyspace stay, to be looked into
@@ -113,7 +113,8 @@ def summary_row(
     return {
         "scenario": name,
         "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "ok": bool(report.ok) and not result.wrong_answers,
+        "ok": bool(report.ok) and not result.wrong_answers and not result.exited,
+        "replicas_exited": result.exited,
         "faults": kinds,
         "sessions": config.sessions,
         "turns": len(result.sent),
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"fault at {f.at_s:7.1f}s: {f.kind} {f.target} {f.note}{recovery}\n")
     for line in result.wrong_answers[:20]:
         sys.stdout.write(f"wrong answer: {line}\n")
+    for name in result.exited:
+        sys.stdout.write(f"replica ended by itself (not killed by the harness): {name}\n")
     row = summary_row(args.scenario, config, result, report, command)
     sys.stdout.write(json.dumps(row, indent=2) + "\n")
     if not args.no_record:

@@ -22,10 +22,12 @@ async def test_smoke_chaos_loses_nothing_and_does_nothing_twice() -> None:
     result, report = await run_scenario(config, partitions=6)
     assert report.ok, report.to_text()
     assert not result.wrong_answers, result.wrong_answers[:10]
+    assert not result.exited, f"replicas that ended by themselves: {result.exited}"
     assert len(result.answers) == config.sessions * config.turns
     kinds = {f.kind for f in result.faults}
     assert {"kill", "burst", "sigstop", "redis-flushall", "poison", "replay"} <= kinds, kinds
-    # The SIGSTOPped replica owned partitions, and live replicas took them over: a zombie with
-    # nothing to be fenced from would test nothing.
+    # The SIGSTOPped replica owned partitions: a zombie with nothing to be fenced from would
+    # test nothing. (How soon others took them over is not asserted here: the smoke run's
+    # faults overlap, and a kill fault may restart the stopped replica meanwhile.)
     (stopped,) = [f for f in result.faults if f.kind == "sigstop"]
-    assert stopped.note != "partitions []" and stopped.recovery_s is not None, stopped
+    assert stopped.note != "partitions []", stopped

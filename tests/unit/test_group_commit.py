@@ -204,3 +204,31 @@ async def test_a_failed_offset_only_commit_is_retried_an_interval_later_not_in_a
     await asyncio.sleep(0.15)
     assert txns.commits == [([], 1)]
     await c.close()
+
+
+async def test_settle_returns_when_a_close_alongside_cancels_its_flusher() -> None:
+    """The rebalance listener and a failed partition preparation can both close a partition:
+    one close's settle() waits on the flusher the other close() cancels. That is the end of
+    settling, not a cancellation of the waiting task (a reasoning replica died of it in a chaos
+    run, inside aiokafka's rebalance)."""
+
+    class Stuck(RecordingTxns):
+        async def commit(self, *args: object, **kwargs: object) -> None:
+            await asyncio.sleep(3600)
+
+    _, _, c = _running(2, Stuck(), interval=60.0)
+    await c.finish(0, [])  # finished, its offset still to commit: settle() starts the flusher
+    settling = asyncio.create_task(c.settle(within_s=30.0))
+    await asyncio.sleep(0.01)
+    await c.close()
+    await asyncio.wait_for(settling, 1.0)  # returns, no CancelledError
+
+    _, _, other = _running(2, Stuck(), interval=60.0)
+    await other.finish(0, [])
+    waiting = asyncio.create_task(other.settle(within_s=30.0))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    waiting.cancel()  # the task itself cancelled: that still propagates
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await other.close()
