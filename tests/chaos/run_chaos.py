@@ -164,7 +164,9 @@ def write_reliability(rows: list[dict[str, Any]]) -> None:
         "`session.timeout.ms` in the row; heartbeat = timeout / 6). *Notify outcome unknown*: turns",
         "whose irreversible `notify` was claimed by a tool-exec replica that was SIGKILLed before it",
         "recorded the result; by design it is reported, never re-run (the verifier checks at most",
-        "one execution per key).",
+        "one execution per key). *ok*: every verifier check held, every answer was right, and every",
+        "service replica was still running at the end (the harness restarts what it kills, so one",
+        "that is not ended by itself).",
         "",
         "| scenario | when | faults injected | sessions | turns | lost | duplicated | seq gaps/dups "
         "| notify dups | notify outcome unknown | DLQ'd (injected) | failover p50 / max (s) "
