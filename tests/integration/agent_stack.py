@@ -13,7 +13,7 @@ import datetime as dt
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,3 +254,13 @@ async def running_stack(
         yield stack
     finally:
         await stack.stop()
+
+
+async def wait_for_value(probe: Callable[[], Awaitable[Any]], within_s: float = 30.0) -> Any:
+    """``probe()`` polled until it returns something truthy; its last value after ``within_s``."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        value = await probe()
+        if value or asyncio.get_running_loop().time() > deadline:
+            return value
+        await asyncio.sleep(0.3)

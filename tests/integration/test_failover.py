@@ -29,7 +29,7 @@ from shared.eventlog import EventLog
 from shared.kafka import make_consumer, make_producer, transactional_id_for
 from shared.service import session_key
 from shared.settings import KafkaSettings
-from tests.integration.agent_stack import Client
+from tests.integration.agent_stack import Client, wait_for_value
 
 
 def _owner(sup: ServiceReplicas, partition: int) -> int:
@@ -153,7 +153,8 @@ async def test_a_session_created_record_delivered_before_the_owner_started_is_lo
             return events if done else []
 
         # The turn is in Cassandra and the checkpoint's offset is past it: no head scan finds it.
-        events = await _eventually(first_turn_checkpointed)
+        events = await wait_for_value(first_turn_checkpointed)
+        assert events, "the first turn in Cassandra, and no head scan finding it"
         sup.stop("reasoning")
         # Every record of the first turn is behind the group's offset: the injected one is the
         # first record of the session the next owner handles.
@@ -198,7 +199,8 @@ async def test_a_session_created_record_delivered_before_the_owner_started_is_lo
         after = await stored()
         return after if [e["event_type"] for e in after].count("RESPONSE_SENT") == 2 else []
 
-    after = await _eventually(both_turns)
+    after = await wait_for_value(both_turns)
+    assert after, "both turns in Cassandra"
     assert [e["seq"] for e in after] == list(range(len(after)))
     assert after[: len(events)] == events  # the first turn's events are untouched
 
@@ -210,12 +212,3 @@ async def _checkpointed(topics: KafkaSettings, partition: int, tenant: str, sess
     )
     heads = await scan_heads(settings, [partition], default_codec())
     return (tenant, session) not in heads[partition]
-
-
-async def _eventually(probe: Callable[[], Any], within_s: float = 30.0) -> Any:
-    """``probe()``'s first truthy value, polled; AssertionError after ``within_s``."""
-    deadline = time.monotonic() + within_s
-    while not (value := await probe()):
-        assert time.monotonic() < deadline, f"{probe.__name__} not true within {within_s}s"
-        await asyncio.sleep(0.3)
-    return value

@@ -16,18 +16,9 @@ from agentctl.trace import Span, load_spans, turn_trace_ids
 from infra.local.services import ServiceReplicas
 from shared.cassandra import Statements
 from shared.settings import CassandraSettings, KafkaSettings
-from tests.integration.agent_stack import Client
+from tests.integration.agent_stack import Client, wait_for_value
 
 SERVICES = {"ingress", "reasoning", "tool-exec", "checkpoint"}
-
-
-async def _wait_for(probe: Callable[[], Any], within_s: float = 30.0) -> Any:
-    deadline = asyncio.get_running_loop().time() + within_s
-    while True:
-        value = await probe()
-        if value or asyncio.get_running_loop().time() > deadline:
-            return value
-        await asyncio.sleep(0.3)
 
 
 async def test_one_turn_is_one_trace_across_the_four_services(
@@ -48,7 +39,7 @@ async def test_one_turn_is_one_trace_across_the_four_services(
         events = await read_history(statements, "acme", session)
         return events if any(e["event_type"] == "RESPONSE_SENT" for e in events) else []
 
-    events = await _wait_for(final_event)
+    events = await wait_for_value(final_event)
     assert events, "the checkpoint wrote the turn's events"
     turn, trace_ids = turn_trace_ids(events, None)
     assert turn is not None and len(trace_ids) == 1, trace_ids  # every event of the turn, one trace
@@ -66,7 +57,7 @@ async def test_one_turn_is_one_trace_across_the_four_services(
         done = {s.service for s in spans} >= SERVICES and checkpointed >= len(events) and whole
         return spans if done else []
 
-    spans = await _wait_for(spans_of_every_service) or await asyncio.to_thread(
+    spans = await wait_for_value(spans_of_every_service) or await asyncio.to_thread(
         load_spans, trace_dir, trace_ids
     )
     assert {s.service for s in spans} >= SERVICES, sorted({s.service for s in spans})
@@ -147,7 +138,7 @@ async def test_a_turn_sent_without_the_sampled_flag_keeps_its_trace_id_and_recor
         done = all(any(e["event_type"] == "RESPONSE_SENT" for e in log) for log in logs.values())
         return logs if done else {}
 
-    logs = await _wait_for(both_logged)
+    logs = await wait_for_value(both_logged)
     assert logs, "the checkpoint wrote both turns"
     for session, log in logs.items():
         # Sampled or not, every event of the turn carries the client's trace id.
@@ -158,5 +149,5 @@ async def test_a_turn_sent_without_the_sampled_flag_keeps_its_trace_id_and_recor
         spans = await asyncio.to_thread(load_spans, trace_dir, [ids[traced]])
         return spans if {s.service for s in spans} >= SERVICES else []
 
-    assert await _wait_for(traced_spans), "the sampled turn's spans from every service"
+    assert await wait_for_value(traced_spans), "the sampled turn's spans from every service"
     assert await asyncio.to_thread(load_spans, trace_dir, [ids[quiet]]) == []
