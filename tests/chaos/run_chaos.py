@@ -86,7 +86,7 @@ async def run_scenario(config: ChaosConfig, *, partitions: int = 6) -> tuple[Cha
             expected_dlq=[InjectedBadRecord(i.topic, i.value, i.expect_reason) for i in result.injected],
             expected_messages=[SentMessage(m.tenant, m.session, m.message_id) for m in result.sent],
         )
-        passed = bool(report.ok) and not result.wrong_answers and not result.exited
+        passed = run_passed(result, report)
         return result, report
     finally:
         if passed:  # a failed run's topics and keyspace stay, to be looked into
@@ -96,6 +96,11 @@ async def run_scenario(config: ChaosConfig, *, partitions: int = 6) -> tuple[Cha
             kept = f"keyspace {cassandra.cassandra_keyspace} and topics {prefix}.*"
             print(f"chaos: kept {kept} for inspection", file=sys.stderr)
         cluster.shutdown()
+
+
+def run_passed(result: ChaosResult, report: Any) -> bool:
+    """Every verifier check held, every answer was right, and no replica ended by itself."""
+    return bool(report.ok) and not result.wrong_answers and not result.exited
 
 
 def summary_row(
@@ -113,7 +118,7 @@ def summary_row(
     return {
         "scenario": name,
         "when": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "ok": bool(report.ok) and not result.wrong_answers and not result.exited,
+        "ok": run_passed(result, report),
         "replicas_exited": result.exited,
         "faults": kinds,
         "sessions": config.sessions,
